@@ -1,0 +1,24 @@
+"""A tiny variant of configs/fmnist.py for tests and a CPU smoke run (seconds).
+
+tmpq train --config configs/smoke.py --workdir /tmp/smoke
+"""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location(
+    "_fmnist", Path(__file__).with_name("fmnist.py")
+)
+_fmnist = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fmnist)
+
+
+def get_config(arg=None):
+    c = _fmnist.get_config()
+    c.model.update(
+        ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,), num_groups=4
+    )
+    c.train.update(
+        num_steps=20, batch_size=8, warmup_steps=5, steps_per_call=5, ckpt_every=10
+    )
+    return c

@@ -1,0 +1,136 @@
+"""Orbax checkpoints: the training state (resumable) and exported models (params + card).
+
+An exported model is a directory holding `params/` (orbax) and `card.json` (the
+config it was built from plus provenance). Writes go to a temporary sibling that
+is renamed into place, so an interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from tmpq_jax.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS_DIR = Path(os.environ.get("TMPQ_CHECKPOINTS", REPO_ROOT / "checkpoints"))
+SHIPPED_MODEL = CHECKPOINTS_DIR / "fmnist_unet"
+
+
+def abstract(tree: Any) -> Any:
+    """Restore targets on this host's first device, whatever device saved them.
+
+    Without an explicit sharding orbax refuses a checkpoint written on another
+    topology (e.g. trained on a GPU, restored on a CPU).
+    """
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+    )
+
+
+def save_model(path: str | os.PathLike, params: Any, card: dict) -> Path:
+    """Writes params + card.json to `path` atomically (replacing what was there)."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", params)
+        ckptr.wait_until_finished()
+        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    card_file = path / "card.json"
+    if not card_file.is_file():
+        raise UserError(
+            f"no model checkpoint at {path} (no card.json); train one with `tmpq train` "
+            "or leave out --checkpoint to use the shipped model."
+        )
+    try:
+        return json.loads(card_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{card_file}: corrupt JSON ({e.msg}); re-export the model."
+        ) from None
+
+
+def load_params(path: str | os.PathLike, like: Any) -> Any:
+    """Restores params shaped like `like` (a pytree or its abstract version)."""
+    path = Path(path)
+    try:
+        return ocp.StandardCheckpointer().restore(
+            (path / "params").resolve(), abstract(like)
+        )
+    except (
+        Exception
+    ) as e:  # orbax raises many types for missing/corrupt/mismatched data
+        raise UserError(
+            f"{path}: cannot restore params ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "the checkpoint is corrupt or from another model config."
+        ) from None
+
+
+class TrainCheckpoints:
+    """A `CheckpointManager` over (state, meta json) with corrupt-data handling."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+        self.directory = Path(directory).resolve()
+        opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._mngr = ocp.CheckpointManager(self.directory, options=opts)
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+        try:
+            r = self._mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract(like)),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:
+            raise UserError(
+                f"{self.directory}/{step}: cannot restore ({type(e).__name__}); the checkpoint is "
+                "corrupt or from another config: delete it or use another --workdir."
+            ) from None
+        return r.state, r.meta
+
+    def restore_meta(self, step: int) -> dict:
+        try:
+            return self._mngr.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            ).meta
+        except Exception as e:
+            raise UserError(
+                f"{self.directory}/{step}: unreadable metadata ({type(e).__name__})."
+            ) from None
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()

@@ -1,0 +1,152 @@
+"""`tmpq` command line: train, sample (more subcommands join as the project grows).
+
+Config overrides follow ml_collections' flag style: `--config.train.num_steps=100`.
+Every `UserError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tmpq_jax.errors import UserError
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist.py")
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    rest, overrides = [], []
+    it = iter(argv)
+    for a in it:
+        if a.startswith("--config."):
+            body = a[len("--config.") :]
+            if "=" not in body:  # `--config.key value`
+                body = f"{body}={next(it, '')}"
+            overrides.append(body)
+        else:
+            rest.append(a)
+    return rest, overrides
+
+
+def cmd_train(args, overrides) -> int:
+    from tmpq_jax.config import ExperimentConfig, load_config
+    from tmpq_jax.train import train
+
+    cfg = ExperimentConfig.from_configdict(load_config(args.config, overrides))
+    if args.data_dir:
+        cfg = cfg.__class__(
+            cfg.model,
+            cfg.diffusion,
+            cfg.data.__class__(cfg.data.name, args.data_dir),
+            cfg.train,
+        )
+    card = train(cfg, args.workdir, progress=not args.no_progress)
+    print(
+        f"trained {card['steps']} steps; model exported to {Path(args.workdir) / 'model'}"
+    )
+    return 0
+
+
+def cmd_sample(args, overrides) -> int:
+    import jax
+
+    from tmpq_jax.diffusion.schedules import timestep_schedule
+    from tmpq_jax.images import save_grid, save_npz
+    from tmpq_jax.sampling import load_model, sample, to_uint8
+
+    if overrides:
+        raise UserError(
+            f"`tmpq sample` takes no --config overrides (got {overrides[0]!r})."
+        )
+    if not args.out and not args.npz:
+        raise UserError(
+            "nothing to write: give --out GRID.png and/or --npz SAMPLES.npz."
+        )
+    for p in (args.out, args.npz):  # check before the (long) sampling
+        if p and not str(p).endswith((".png", ".npz")):
+            raise UserError(
+                f"{p}: use a .png path for --out and a .npz path for --npz."
+            )
+    lm = load_model(args.checkpoint)
+    if args.dtype:
+        lm = lm.with_dtype(args.dtype)
+    T = lm.diffusion.num_timesteps
+    ts = (
+        None
+        if args.schedule == "ddpm"
+        else timestep_schedule(args.schedule, args.steps, T)
+    )
+    imgs = to_uint8(
+        sample(
+            jax.random.key(args.seed),
+            lm,
+            args.num,
+            ts,
+            args.eta,
+            args.batch_size,
+            progress=not args.no_progress,
+        )
+    )
+    if args.out:
+        save_grid(imgs, args.out, nrow=args.nrow)
+        print(f"wrote {args.out}")
+    if args.npz:
+        save_npz(imgs, args.npz, timesteps=ts if ts is not None else [])
+        print(f"wrote {args.npz}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tmpq", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a diffusion UNet")
+    t.add_argument("--config", default=DEFAULT_CONFIG, help="config .py file[:arg]")
+    t.add_argument(
+        "--workdir", required=True, help="checkpoints, log and exported model"
+    )
+    t.add_argument("--data-dir", help="directory of the Fashion-MNIST idx .gz files")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser(
+        "sample", help="sample images from a model (default: the shipped one)"
+    )
+    s.add_argument(
+        "--checkpoint", help="exported model dir (default: checkpoints/fmnist_unet)"
+    )
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--schedule", choices=["quad", "uniform", "ddpm"], default="quad")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    s.add_argument("--num", type=int, default=100)
+    s.add_argument("--nrow", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=500)
+    s.add_argument("--dtype", choices=["float32", "bfloat16"])
+    s.add_argument("--out", help="PNG grid path")
+    s.add_argument("--npz", help="write uint8 samples to this .npz")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    try:
+        return args.fn(args, overrides)
+    except UserError as e:
+        print(f"tmpq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"tmpq {args.command}: interrupted; rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
