@@ -1,7 +1,8 @@
 """Config for `tmpq train-classifier`: the FID feature net, full GPU run.
 
-~20 epochs of Fashion-MNIST at batch 256 (60000 * 20 / 256 = 4687 steps) with a
-~0.65M-parameter GroupNorm CNN; aims at >= 93% test accuracy. Read by
+30 epochs of Fashion-MNIST at batch 256 (7000 steps) with a 0.67M-parameter
+GroupNorm CNN: ~94.0% test accuracy in ~20 s on one H100 (20 epochs gave 93.3-93.7%
+over seeds/variants, too close to the >= 93% target). Read by
 `ClassifierTrainConfig.from_configdict`.
 """
 
@@ -14,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(widths=(48, 96, 192), feature_dim=128, num_classes=10, num_groups=8)
     )
     cfg.batch_size = 256
-    cfg.num_steps = 60000 * 20 // 256
+    cfg.num_steps = 7000  # ~30 epochs; a multiple of steps_per_call
     cfg.steps_per_call = 100
     cfg.learning_rate = 2e-3
     cfg.weight_decay = 0.05

@@ -45,19 +45,6 @@ def uninterrupted(tiny_npz, tmp_path_factory):
     return wd, load_model(wd / "model")
 
 
-def test_resume_equals_uninterrupted(tiny_npz, tmp_path, uninterrupted):
-    _, full = uninterrupted
-    # "Kill" after 4 of 6 steps (the checkpoint at step 4), then rerun the full command.
-    train(_cfg(tiny_npz, num_steps=4), tmp_path, progress=False)
-    card = train(_cfg(tiny_npz), tmp_path, progress=False)
-    assert card["steps"] == 6
-    resumed = load_model(tmp_path / "model")
-    # The LR schedule depends on num_steps, so the 4-step run saw other rates:
-    # resuming must still give a *valid* state; exactness is checked below with
-    # equal configs split across calls differently.
-    assert jax.tree.structure(resumed.params) == jax.tree.structure(full.params)
-
-
 def test_resume_exact_across_call_splits(tiny_npz, tmp_path, uninterrupted):
     full_dir, full = uninterrupted
     cfg = _cfg(tiny_npz, steps_per_call=3, ckpt_every=3)

@@ -16,17 +16,20 @@ def test_forward_shape_and_time_dependence(tiny_cfg, tiny_eps_fn, key):
     assert float(jnp.max(jnp.abs(a - b))) > 1e-4
 
 
-def test_shipped_architecture_param_count():
-    # configs/fmnist.py's model; a change to the architecture shows up here.
+def test_config_file_builds_the_shipped_model():
+    """configs/fmnist.py describes the architecture of the committed checkpoint."""
+    from tmpq_jax.checkpoint import SHIPPED_MODEL, read_card
     from tmpq_jax.config import ExperimentConfig, load_config
 
+    card = read_card(SHIPPED_MODEL)
     cfg = ExperimentConfig.from_configdict(load_config("configs/fmnist.py")).model
+    assert UNetConfig.from_dict(card["config"]["model"]) == cfg
     shapes = jax.eval_shape(
         lambda: UNet(cfg).init(
             jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32)
         )
     )
-    assert count_params(shapes) == 2_734_945
+    assert count_params(shapes) == card["params"]
 
 
 def test_every_matmul_goes_through_the_injection_point(tiny_cfg, tiny_params, key):

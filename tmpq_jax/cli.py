@@ -1,4 +1,4 @@
-"""`tmpq` command line: train, sample (more subcommands join as the project grows).
+"""`tmpq` command line: train, sample, train-classifier, eval.
 
 Config overrides follow ml_collections' flag style: `--config.train.num_steps=100`.
 Every `UserError` becomes one line on stderr and exit status 2.
@@ -97,6 +97,52 @@ def cmd_sample(args, overrides) -> int:
     return 0
 
 
+def cmd_train_classifier(args, overrides) -> int:
+    from tmpq_jax.config import load_config
+    from tmpq_jax.metrics import ClassifierTrainConfig, train_classifier
+
+    cfg = ClassifierTrainConfig.from_configdict(load_config(args.config, overrides))
+    card = train_classifier(
+        cfg,
+        args.workdir,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    print(f"test accuracy {card['test_accuracy']:.4f}; wrote {card['workdir']}")
+    return 0
+
+
+def cmd_eval(args, overrides) -> int:
+    from tmpq_jax.evaluation import Evaluator, evaluate_model, format_report
+    from tmpq_jax.files import write_json
+    from tmpq_jax.sampling import load_model
+
+    if overrides:
+        raise UserError(
+            f"`tmpq eval` takes no --config overrides (got {overrides[0]!r})."
+        )
+    if args.json and not str(args.json).endswith(".json"):
+        raise UserError(f"{args.json}: give a path ending in .json.")
+    ev = Evaluator(args.feature_net, args.data_dir)
+    lm = load_model(args.checkpoint)
+    r = evaluate_model(
+        ev,
+        lm,
+        args.steps,
+        args.schedule,
+        args.num_samples,
+        args.seed,
+        args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(format_report(r))
+    if args.json:
+        write_json(args.json, r)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tmpq", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +174,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--npz", help="write uint8 samples to this .npz")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_sample)
+
+    c = sub.add_parser("train-classifier", help="train the FID feature network")
+    c.add_argument(
+        "--config", default=str(Path(DEFAULT_CONFIG).with_name("classifier.py"))
+    )
+    c.add_argument("--workdir", required=True, help="where params, card and stats go")
+    c.add_argument("--data-dir", help="directory of the Fashion-MNIST idx .gz files")
+    c.add_argument(
+        "--overwrite", action="store_true", help="replace an existing workdir"
+    )
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=cmd_train_classifier)
+
+    e = sub.add_parser("eval", help="FID/KID/IS/class histogram of a model's samples")
+    e.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")
+    e.add_argument(
+        "--feature-net", help="classifier dir (default: checkpoints/fmnist_classifier)"
+    )
+    e.add_argument("--steps", type=int, default=10)
+    e.add_argument("--schedule", choices=["quad", "uniform", "ddpm"], default="quad")
+    e.add_argument("--num-samples", type=int, default=2000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=1000)
+    e.add_argument("--data-dir", help="Fashion-MNIST idx directory (test set, for KID)")
+    e.add_argument("--json", help="also write the figures to this .json")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(fn=cmd_eval)
     return p
 
 

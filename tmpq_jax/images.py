@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from tmpq_jax.errors import UserError
+from tmpq_jax.files import atomic_write
 
 
 def make_grid(
@@ -27,23 +27,6 @@ def make_grid(
     return grid
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent
-    )
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def save_grid(
     images_u8: np.ndarray,
     path: str | os.PathLike,
@@ -58,12 +41,13 @@ def save_grid(
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    return _atomic_write(Path(path), lambda p: img.save(p, format="PNG"))
+    return atomic_write(Path(path), lambda p: img.save(p, format="PNG"))
 
 
 def save_npz(images_u8: np.ndarray, path: str | os.PathLike, **extra) -> Path:
     if not str(path).endswith(".npz"):
         raise UserError(f"{path}: give a path ending in .npz.")
-    return _atomic_write(
+    return atomic_write(
         Path(path), lambda p: np.savez_compressed(p, images=images_u8, **extra)
     )
+

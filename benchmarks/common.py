@@ -1,0 +1,53 @@
+"""Shared pieces of the benchmarks: provenance header, timing, atomic JSON output."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from tmpq_jax import files
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def provenance() -> dict:
+    return {
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+        "num_devices": jax.device_count(),
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": _command(),
+    }
+
+
+def _command() -> str:
+    argv0 = Path(sys.argv[0])
+    if argv0.parent.name == "benchmarks":  # show the `python -m` form that was meant
+        head = f"python -m benchmarks.{argv0.stem}"
+    else:
+        head = f"python {shlex.quote(sys.argv[0])}"
+    return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def time_fn(fn, *args, repeats: int = 3) -> float:
+    """Best-of-`repeats` wall seconds of `fn(*args)` after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def write_json(
+    name: str, payload: dict, out_dir: str | os.PathLike | None = None
+) -> Path:
+    return files.write_json(Path(out_dir or RESULTS) / name, payload)

@@ -1,0 +1,83 @@
+"""The full-precision quality table: FID/KID/IS/class histogram per sampler setting.
+
+  python -m benchmarks.fp_baseline [--num-samples 10000]
+
+Rows: DDIM 10 quad, 10 uniform, 20 quad, 20 uniform, 50 and 100 uniform, DDPM 1000;
+then the floor (real train subsets of 2000 and 10000 against the test stats, 5
+disjoint subsets each). All in FMNIST-classifier feature space.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks.common import provenance, write_json
+from tmpq_jax.evaluation import FID_NAME, Evaluator, evaluate_model
+from tmpq_jax.metrics import fid_floor
+from tmpq_jax.sampling import load_model
+
+ROWS = [
+    (10, "quad"),
+    (10, "uniform"),
+    (20, "quad"),
+    (20, "uniform"),
+    (50, "uniform"),
+    (100, "uniform"),
+    (1000, "ddpm"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-samples", type=int, default=10_000)
+    ap.add_argument("--batch-size", type=int, default=2000)
+    ap.add_argument(
+        "--rows", default="all", help="comma list of STEPS:SCHEDULE, or all"
+    )
+    ap.add_argument("--floor-sizes", default="2000,10000")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+
+    rows = (
+        ROWS
+        if args.rows == "all"
+        else [(int(r.split(":")[0]), r.split(":")[1]) for r in args.rows.split(",")]
+    )
+    ev, lm = Evaluator(), load_model()
+    results = []
+    for steps, schedule in rows:
+        t0 = time.perf_counter()
+        r = evaluate_model(
+            ev,
+            lm,
+            steps,
+            schedule,
+            args.num_samples,
+            seed=0,
+            batch_size=args.batch_size,
+        )
+        r["wall_s"] = round(time.perf_counter() - t0, 2)
+        print(
+            f"{steps:5d} {schedule:8s} fid={r['fid']:.3f} kid={r['kid']:.5f} "
+            f"is={r['is']:.3f} min_class={r['min_class_fraction']:.3f} ({r['wall_s']} s)",
+            flush=True,
+        )
+        results.append(r)
+    sizes = tuple(int(s) for s in args.floor_sizes.split(","))
+    floor = fid_floor(ev.net, ev.stats, subset_sizes=sizes, num_subsets=5)
+    print("floor", floor)
+    payload = {
+        **provenance(),
+        "metric": FID_NAME,
+        "model_checkpoint": "checkpoints/fmnist_unet",
+        "model_card": {k: lm.card[k] for k in ("steps", "params", "device")},
+        "feature_net": ev.net.path,
+        "rows": results,
+        "floor": [{"num_samples": int(k), **v} for k, v in floor.items()],
+    }
+    print(write_json("fp_baseline.json", payload, args.out_dir))
+
+
+if __name__ == "__main__":
+    main()

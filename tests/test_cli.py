@@ -1,0 +1,184 @@
+"""The `tmpq` command line end to end on tiny data: train, sample, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tmpq_jax.cli import main
+
+SMOKE = "configs/smoke.py"
+
+
+def _tiny_overrides(npz):
+    return [
+        f"--config.data.name={npz}",
+        "--config.model.image_size=16",
+        "--config.model.attn_resolutions=(8,)",
+        "--config.train.num_steps=2",
+        "--config.train.steps_per_call=2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_npz, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("cli")
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                SMOKE,
+                "--workdir",
+                str(wd),
+                "--no-progress",
+                *_tiny_overrides(tiny_npz),
+            ]
+        )
+        == 0
+    )
+    return wd
+
+
+def test_train_then_sample(trained, tmp_path):
+    card = json.loads((trained / "model" / "card.json").read_text())
+    assert card["steps"] == 2 and card["config"]["model"]["image_size"] == 16
+    png, npz = tmp_path / "g.png", tmp_path / "s.npz"
+    rc = main(
+        [
+            "sample",
+            "--checkpoint",
+            str(trained / "model"),
+            "--num",
+            "4",
+            "--steps",
+            "3",
+            "--schedule",
+            "uniform",
+            "--out",
+            str(png),
+            "--npz",
+            str(npz),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0 and png.stat().st_size > 0
+    with np.load(npz) as z:
+        assert z["images"].shape == (4, 16, 16, 1) and z["images"].dtype == np.uint8
+        assert list(z["timesteps"]) == [0, 333, 666]
+
+
+def test_sample_is_deterministic(trained, tmp_path):
+    paths = [tmp_path / f"{i}.npz" for i in range(2)]
+    for p in paths:
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(trained / "model"),
+                "--num",
+                "2",
+                "--steps",
+                "2",
+                "--npz",
+                str(p),
+                "--no-progress",
+            ]
+        )
+    with np.load(paths[0]) as a, np.load(paths[1]) as b:
+        np.testing.assert_array_equal(a["images"], b["images"])
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    rc = main(
+        [
+            "train",
+            "--config",
+            SMOKE,
+            "--workdir",
+            str(tmp_path),
+            "--config.train.nope=1",
+        ]
+    )
+    assert rc == 2 and "unknown config key 'train.nope'" in _err(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    rc = main(
+        [
+            "sample",
+            "--checkpoint",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "g.png"),
+        ]
+    )
+    assert rc == 2 and "no model checkpoint" in _err(capsys)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_corrupt_checkpoint(trained, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained / "model", bad)
+    for f in (bad / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"\0" * 50)
+    rc = main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "g.png")])
+    assert rc == 2 and "cannot restore params" in _err(capsys)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_bad_image_size(tmp_path, capsys):
+    rc = main(
+        [
+            "train",
+            "--config",
+            SMOKE,
+            "--workdir",
+            str(tmp_path),
+            "--config.model.image_size=29",
+        ]
+    )
+    assert rc == 2 and "not divisible" in _err(capsys)
+
+
+def test_bad_output_suffix(trained, tmp_path, capsys):
+    rc = main(
+        [
+            "sample",
+            "--checkpoint",
+            str(trained / "model"),
+            "--out",
+            str(tmp_path / "g.jpg"),
+        ]
+    )
+    assert rc == 2 and ".png" in _err(capsys)
+
+
+def test_shipped_model_samples(tmp_path):
+    """The committed checkpoint loads and samples (CPU, 4 images, 2 steps)."""
+    from tmpq_jax.sampling import load_model
+
+    lm = load_model()
+    assert lm.card["steps"] >= 10_000 and lm.config.image_size == 28
+    npz = tmp_path / "s.npz"
+    assert (
+        main(
+            ["sample", "--num", "4", "--steps", "2", "--npz", str(npz), "--no-progress"]
+        )
+        == 0
+    )
+    with np.load(npz) as z:
+        imgs = z["images"]
+    # Trained samples use the whole range: a dark background and bright garments.
+    assert imgs.shape == (4, 28, 28, 1)
+    assert (imgs < 30).mean() > 0.2 and (imgs > 100).mean() > 0.05
