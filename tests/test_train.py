@@ -98,3 +98,12 @@ def test_image_size_mismatch(tiny_npz, tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not any(
         (tmp_path / "checkpoints").iterdir()
     )
+
+
+def test_resume_ignores_where_the_data_lies(tiny_npz, uninterrupted):
+    wd, _ = uninterrupted
+    cfg = _cfg(tiny_npz)
+    moved = dataclasses.replace(
+        cfg, data=DataConfig(str(tiny_npz), data_dir="/elsewhere")
+    )
+    assert train(moved, wd, progress=False)["steps"] == 6

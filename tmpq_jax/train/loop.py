@@ -19,18 +19,27 @@ from tmpq_jax.errors import UserError
 from tmpq_jax.models.unet import UNet, check_channels, count_params
 from tmpq_jax.train.step import create_train_state, make_train_steps
 
+# Keys that may change between runs of one training: its length, how often it
+# saves, and where the (same) data lies.
+_NOT_SIGNATURE = {"train": ("num_steps", "ckpt_every"), "data": ("data_dir",)}
+
+
+def _signature(config_dict: dict) -> dict:
+    """What must match for a checkpoint to be resumed."""
+    return {
+        section: {
+            k: v for k, v in keys.items() if k not in _NOT_SIGNATURE.get(section, ())
+        }
+        for section, keys in config_dict.items()
+    }
+
 
 def _resume_signature(cfg: ExperimentConfig) -> dict:
-    """What must match for a checkpoint to be resumed (num_steps may grow)."""
-    d = cfg.to_dict()
-    d["train"] = {
-        k: v for k, v in d["train"].items() if k not in ("num_steps", "ckpt_every")
-    }
-    return d
+    return _signature(cfg.to_dict())
 
 
 def _check_resumable(meta: dict, cfg: ExperimentConfig, workdir: Path) -> None:
-    want, have = _resume_signature(cfg), meta.get("signature", {})
+    want, have = _resume_signature(cfg), _signature(meta.get("signature", {}))
     if want != have:
         diff = sorted(
             f"{s}.{k}"
