@@ -33,14 +33,10 @@ def cmd_train(args, overrides) -> int:
     from tmpq_jax.config import ExperimentConfig, load_config
     from tmpq_jax.train import train
 
-    cfg = ExperimentConfig.from_configdict(load_config(args.config, overrides))
+    cd = load_config(args.config, overrides)
     if args.data_dir:
-        cfg = cfg.__class__(
-            cfg.model,
-            cfg.diffusion,
-            cfg.data.__class__(cfg.data.name, args.data_dir),
-            cfg.train,
-        )
+        cd.data.data_dir = args.data_dir
+    cfg = ExperimentConfig.from_configdict(cd)
     card = train(cfg, args.workdir, progress=not args.no_progress)
     print(
         f"trained {card['steps']} steps; model exported to {Path(args.workdir) / 'model'}"

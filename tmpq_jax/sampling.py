@@ -6,6 +6,7 @@ switching schedules of the same length never recompiles.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,7 +62,7 @@ class LoadedModel:
         return lambda x, t: self.model.apply({"params": params}, x, t)
 
     def with_dtype(self, dtype: str) -> LoadedModel:
-        cfg = UNetConfig(**{**self.config.__dict__, "dtype": dtype})
+        cfg = dataclasses.replace(self.config, dtype=dtype)
         cfg.validate()
         return LoadedModel(cfg, self.diffusion, self.params, self.card)
 
