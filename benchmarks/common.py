@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import shlex
 import sys
@@ -12,19 +11,13 @@ from pathlib import Path
 import jax
 
 from tmpq_jax import files
+from tmpq_jax.provenance import provenance as _provenance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def provenance() -> dict:
-    return {
-        "device": jax.devices()[0].device_kind,
-        "platform": jax.devices()[0].platform,
-        "num_devices": jax.device_count(),
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": _command(),
-    }
+    return _provenance(_command())
 
 
 def _command() -> str:

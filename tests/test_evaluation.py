@@ -68,6 +68,7 @@ def test_eval_cli(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "FID (FMNIST classifier features)" in text and "class histogram" in text
     r = json.loads(out.read_text())
+    assert r["device"] and r["command"].startswith("tmpq eval")
     assert r["num_samples"] == 150 and r["timesteps"] == [0, 500]
     assert np.isfinite(r["fid"]) and abs(sum(r["class_histogram"].values()) - 1) < 1e-5
 

@@ -112,6 +112,7 @@ def cmd_train_classifier(args, overrides) -> int:
 def cmd_eval(args, overrides) -> int:
     from tmpq_jax.evaluation import Evaluator, evaluate_model, format_report
     from tmpq_jax.files import write_json
+    from tmpq_jax.provenance import provenance
     from tmpq_jax.sampling import load_model
 
     if overrides:
@@ -134,7 +135,8 @@ def cmd_eval(args, overrides) -> int:
     )
     print(format_report(r))
     if args.json:
-        write_json(args.json, r)
+        checkpoint = args.checkpoint or "checkpoints/fmnist_unet (shipped)"
+        write_json(args.json, {**provenance(), "checkpoint": checkpoint, **r})
         print(f"wrote {args.json}")
     return 0
 
