@@ -136,7 +136,7 @@ def cmd_eval(args, overrides) -> int:
     print(format_report(r))
     if args.json:
         checkpoint = args.checkpoint or "checkpoints/fmnist_unet (shipped)"
-        write_json(args.json, {**provenance(), "checkpoint": checkpoint, **r})
+        write_json(args.json, {**provenance(args.command_line), "checkpoint": checkpoint, **r})
         print(f"wrote {args.json}")
     return 0
 
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
+    args.command_line = " ".join(["tmpq", *argv])  # recorded in result files
     try:
         return args.fn(args, overrides)
     except UserError as e:

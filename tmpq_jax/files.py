@@ -13,7 +13,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Calls `write(tmp_path)` on a sibling temp file, then renames it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent
+    )
     os.close(fd)
     try:
         write(tmp)

@@ -50,4 +50,3 @@ def save_npz(images_u8: np.ndarray, path: str | os.PathLike, **extra) -> Path:
     return atomic_write(
         Path(path), lambda p: np.savez_compressed(p, images=images_u8, **extra)
     )
-
