@@ -182,3 +182,10 @@ def test_shipped_model_samples(tmp_path):
     # Trained samples use the whole range: a dark background and bright garments.
     assert imgs.shape == (4, 28, 28, 1)
     assert (imgs < 30).mean() > 0.2 and (imgs > 100).mean() > 0.05
+
+
+def test_layers_lists_the_shipped_registry(capsys):
+    assert main(["layers"]) == 0
+    out = capsys.readouterr().out
+    for name in ("conv_in", "mid_attn/qk", "mid_attn/av", "conv_out", "uniform W6A6"):
+        assert name in out

@@ -1,4 +1,4 @@
-"""`tmpq` command line: train, sample, train-classifier, eval.
+"""`tmpq` command line: train, sample, train-classifier, eval, layers.
 
 Config overrides follow ml_collections' flag style: `--config.train.num_steps=100`.
 Every `UserError` becomes one line on stderr and exit status 2.
@@ -136,8 +136,30 @@ def cmd_eval(args, overrides) -> int:
     print(format_report(r))
     if args.json:
         checkpoint = args.checkpoint or "checkpoints/fmnist_unet (shipped)"
-        write_json(args.json, {**provenance(args.command_line), "checkpoint": checkpoint, **r})
+        write_json(
+            args.json, {**provenance(args.command_line), "checkpoint": checkpoint, **r}
+        )
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_layers(args, overrides) -> int:
+    from tmpq_jax.quant import QuantBits, format_registry, unet_registry
+    from tmpq_jax.quant.cost import bitops_per_step, model_size_bits
+    from tmpq_jax.sampling import load_model
+
+    if overrides:
+        raise UserError(
+            f"`tmpq layers` takes no --config overrides (got {overrides[0]!r})."
+        )
+    reg = unet_registry(load_model(args.checkpoint).config)
+    print(format_registry(reg))
+    for w, a in ((8, 8), (6, 6), (4, 8)):
+        bits = QuantBits.uniform(reg, w, a)
+        print(
+            f"uniform W{w}A{a}: {float(bitops_per_step(bits, reg)) / 1e9:.2f} GBitOPs "
+            f"per step per image, {float(model_size_bits(bits, reg)) / 8e6:.2f} MB weights"
+        )
     return 0
 
 
@@ -199,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the figures to this .json")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    q = sub.add_parser("layers", help="list the quantizable layers (names for genomes)")
+    q.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")
+    q.set_defaults(fn=cmd_layers)
     return p
 
 

@@ -1,0 +1,50 @@
+"""Quantization supernet (TMPQ-DM, arXiv 2404.09532): per-layer traced bit-widths
+applied to any Flax linen model through AQT, the layer registry and the cost model."""
+
+from tmpq_jax.quant.cost import (
+    bitops_per_step,
+    layer_bitops,
+    model_size_bits,
+    total_bitops,
+    uniform_bitops,
+    within_budget,
+)
+from tmpq_jax.quant.registry import (
+    LayerInfo,
+    LayerRegistry,
+    build_registry,
+    format_registry,
+    print_registry,
+    unet_registry,
+)
+from tmpq_jax.quant.supernet import (
+    DEFAULT_CANDIDATES,
+    QParams,
+    QuantBits,
+    check_bits,
+    check_candidates,
+    make_interceptor,
+    quantized_apply,
+)
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "LayerInfo",
+    "LayerRegistry",
+    "QParams",
+    "QuantBits",
+    "bitops_per_step",
+    "build_registry",
+    "check_bits",
+    "check_candidates",
+    "format_registry",
+    "layer_bitops",
+    "make_interceptor",
+    "model_size_bits",
+    "print_registry",
+    "quantized_apply",
+    "total_bitops",
+    "uniform_bitops",
+    "unet_registry",
+    "within_budget",
+]

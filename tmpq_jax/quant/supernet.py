@@ -1,0 +1,267 @@
+"""The quantization supernet: any Flax linen model, run with per-layer traced bits.
+
+TMPQ-DM (arXiv 2404.09532) evaluates many layer-wise precision genomes on one
+pretrained network. Here no model is edited: `quantized_apply` wraps `model.apply`
+in `nn.intercept_methods`, and the interceptor reruns every `nn.Conv`, `nn.Dense`
+(subclasses included) and `tmpq_jax.models.ops.MatMul` call through AQT
+(`numerics.py`) with that layer's bits, looked up by module path in a
+`LayerRegistry`. Conv/Dense are rerun as a clone bound to the *same* scope (same
+params) whose `conv_general_dilated` / `dot_general` is the quantized op, so every
+nn.Conv/nn.Dense feature (padding modes, groups, dilation, dtype) is kept.
+
+Genes (`QuantBits`, int32[L] each; layer i = registry index i):
+  * conv/dense: `a_bits[i]` quantizes the input activation (per-tensor),
+    `w_bits[i]` the kernel (symmetric, per output channel);
+  * MatMul: both operands are activations, quantized per-tensor: `a_bits[i]` is the
+    left operand (q of `qk`), `w_bits[i]` the right one (k of `qk`, v of `av`).
+    The left operand of `av` is the softmax output, pinned at 8 bits: its `a_bits`
+    gene is inert. This gives exactly the paper's q, k, v genes per attention.
+
+The bits are ordinary arrays closed over by the interceptor, so under `jax.vmap`
+over a population they are batched tracers and one compiled program serves every
+genome. Calibrated results (`QParams`) are stored for every bit-width and only
+*selected* (`jnp.take` by the width's index); without them activation scales are
+dynamic absmax and weight scales plain per-channel absmax. Forward only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from tmpq_jax.errors import UserError
+from tmpq_jax.quant import numerics
+from tmpq_jax.quant.registry import LayerRegistry, layer_kind
+
+DEFAULT_CANDIDATES = (8, 7, 6, 5)
+
+
+@struct.dataclass
+class QuantBits:
+    """Per-layer bit-widths: int32[L] each (or [P, L] for a population)."""
+
+    w_bits: jax.Array  # kernel bits; right-operand bits for a MatMul
+    a_bits: jax.Array  # input-activation bits; left-operand bits for a MatMul
+
+    @classmethod
+    def uniform(cls, registry: LayerRegistry, w_bits: int, a_bits: int) -> QuantBits:
+        """Uniform WxAy: MatMul operands are activations, so both get `a_bits`."""
+        is_mm = np.array([k == "matmul" for k in registry.kinds])
+        w = np.where(is_mm, a_bits, w_bits).astype(np.int32)
+        return cls(jnp.asarray(w), jnp.full((len(registry),), a_bits, jnp.int32))
+
+    @classmethod
+    def from_names(
+        cls,
+        registry: LayerRegistry,
+        layers: Mapping[str, tuple[int, int]],
+        default: tuple[int, int] = (8, 8),
+    ) -> QuantBits:
+        """`default` (w, a) everywhere, `layers[name] = (w, a)` where given."""
+        w = np.full(len(registry), default[0], np.int32)
+        a = np.full(len(registry), default[1], np.int32)
+        for name, (wb, ab) in layers.items():
+            i = registry.index(name)
+            w[i], a[i] = wb, ab
+        return cls(jnp.asarray(w), jnp.asarray(a))
+
+
+@struct.dataclass
+class QParams:
+    """Calibrated quantization results for every layer at every width in `bit_widths`.
+
+    act_bound: float32[L, 2, K] static per-tensor |x| bound of the layer's left
+        operand (0: conv/dense input, q, softmax output) and right MatMul operand (1)
+        at width `bit_widths[k]`; None: dynamic absmax everywhere.
+    w_clip: per layer float32[K, C_out] clip ratio to the channel absmax (None for
+        MatMul layers); None: no clipping.
+    `bit_widths` must hold every genome candidate and the pinned softmax width.
+    """
+
+    bit_widths: tuple[int, ...] = struct.field(pytree_node=False)
+    act_bound: jax.Array | None = None
+    w_clip: tuple[jax.Array | None, ...] | None = None
+
+    def width_index(self, bits) -> Any:
+        """Index of `bits` in `bit_widths` (static for an int, traced otherwise)."""
+        if isinstance(bits, int):
+            return self.bit_widths.index(bits)
+        return jnp.argmax(jnp.asarray(self.bit_widths, jnp.int32) == bits)
+
+
+# ----------------------------------------------------------------------------
+# Boundary validation (outside jit): one-line UserErrors, never silent clipping.
+
+
+def check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
+    cands = tuple(int(c) for c in candidates)
+    bad = [c for c in cands if not numerics.MIN_BITS <= c <= numerics.MAX_BITS]
+    if not cands or bad or len(set(cands)) != len(cands):
+        raise UserError(
+            f"candidate bit-widths {list(candidates)}: give distinct widths in "
+            f"{numerics.MIN_BITS}..{numerics.MAX_BITS} (an int8 container holds them)."
+        )
+    return cands
+
+
+def _concrete(x) -> np.ndarray | None:
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def check_bits(
+    bits: QuantBits,
+    registry: LayerRegistry,
+    candidates: Sequence[int] = DEFAULT_CANDIDATES,
+    population: bool = False,
+) -> None:
+    """Shapes always (also under jit); values wherever they are concrete.
+    `population`: bits are [P, L] (else [L]; vmap over a population)."""
+    cands = check_candidates(candidates)
+    n = len(registry)
+    for field in ("w_bits", "a_bits"):
+        v = getattr(bits, field)
+        shape = jnp.shape(v)
+        if len(shape) != 1 + population or shape[-1] != n:
+            want = (
+                f"[population, {n}]"
+                if population
+                else f"[{n}] (vmap over a population)"
+            )
+            raise UserError(
+                f"{field} has shape {shape} but the model has {n} quantizable layers; "
+                f"give an int array of shape {want}."
+            )
+        if not jnp.issubdtype(jnp.result_type(v), jnp.integer):
+            raise UserError(f"{field} must be integers, got {jnp.result_type(v)}.")
+        arr = _concrete(v)
+        if arr is not None and not np.isin(arr, cands).all():
+            bad = sorted(set(np.unique(arr).tolist()) - set(cands))
+            raise UserError(
+                f"{field} holds bit-widths {bad} outside the candidate set {list(cands)}."
+            )
+
+
+def check_qparams(
+    qparams: QParams, registry: LayerRegistry, candidates: Sequence[int]
+) -> None:
+    n, k = len(registry), len(qparams.bit_widths)
+    needed = set(candidates) | {b for b in registry.pinned_lhs_bits.tolist() if b}
+    missing = sorted(needed - set(qparams.bit_widths))
+    if missing:
+        raise UserError(
+            f"calibration covers bit-widths {list(qparams.bit_widths)} but not "
+            f"{missing}; calibrate those widths too."
+        )
+    if qparams.act_bound is not None and jnp.shape(qparams.act_bound) != (n, 2, k):
+        raise UserError(
+            f"act_bound has shape {jnp.shape(qparams.act_bound)}, expected {(n, 2, k)}."
+        )
+    if qparams.w_clip is not None:
+        if len(qparams.w_clip) != n:
+            raise UserError(f"w_clip has {len(qparams.w_clip)} entries, expected {n}.")
+        for layer, clip in zip(registry, qparams.w_clip, strict=True):
+            want = (k, layer.kernel_shape[-1]) if layer.kernel_shape else None
+            if (clip is None) != (want is None) or (
+                clip is not None and jnp.shape(clip) != want
+            ):
+                raise UserError(
+                    f"w_clip for {layer.name!r}: shape {jnp.shape(clip)}, expected {want}."
+                )
+
+
+# ----------------------------------------------------------------------------
+# The interceptor.
+
+
+class _QuantizedOp:
+    """Marks the op of a rerun clone, so the interceptor lets that call through."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def _is_rerun(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "dot_general", None), _QuantizedOp) or isinstance(
+        getattr(module, "conv_general_dilated", None), _QuantizedOp
+    )
+
+
+def _operand_specs(i: int, registry, bits: QuantBits, qparams: QParams | None):
+    """(left, right) quantization specs of layer i, with calibrated results taken."""
+    layer = registry[i]
+    left_bits = layer.pinned_lhs_bits or bits.a_bits[i]
+    right_bits = bits.w_bits[i]
+    left_bound = right_bound = clip = None
+    if qparams is not None and qparams.act_bound is not None:
+        row = qparams.act_bound[i]
+        left_bound = jnp.take(row[0], qparams.width_index(left_bits))
+        if layer.kind == "matmul":
+            right_bound = jnp.take(row[1], qparams.width_index(right_bits))
+    if qparams is not None and qparams.w_clip is not None and layer.kind != "matmul":
+        clip = jnp.take(qparams.w_clip[i], qparams.width_index(right_bits), axis=0)
+    left = numerics.ActQuant(left_bits, left_bound)
+    if layer.kind == "matmul":
+        return left, numerics.ActQuant(right_bits, right_bound)
+    return left, numerics.WeightQuant(right_bits, clip)
+
+
+def _rerun(module: nn.Module, kind: str, left, right, args, kwargs):
+    if kind == "matmul":
+        a, b = args
+        if module.dtype is not None:
+            a, b = a.astype(module.dtype), b.astype(module.dtype)
+        return numerics.einsum(module.equation, a, b, left, right)
+    if kind == "conv":
+        op = _QuantizedOp(numerics.conv_general_dilated(left, right))
+        updates = dict(conv_general_dilated=op, conv_general_dilated_cls=None)
+    else:
+        op = _QuantizedOp(numerics.dot_general(left, right))
+        updates = dict(dot_general=op, dot_general_cls=None)
+    # Same scope as the intercepted module: same params, same path, no new names.
+    return module.clone(parent=module.scope, **updates)(*args, **kwargs)
+
+
+def make_interceptor(
+    bits: QuantBits, registry: LayerRegistry, qparams: QParams | None = None
+):
+    """A Flax method interceptor quantizing every registered layer with `bits`."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        kind = layer_kind(module)
+        if kind is None or context.method_name != "__call__" or _is_rerun(module):
+            return next_fun(*args, **kwargs)
+        i = registry.index_of_path(module.path)
+        left, right = _operand_specs(i, registry, bits, qparams)
+        return _rerun(module, kind, left, right, args, kwargs)
+
+    return interceptor
+
+
+def quantized_apply(
+    model: nn.Module,
+    variables: Any,
+    *args,
+    bits: QuantBits,
+    registry: LayerRegistry,
+    qparams: QParams | None = None,
+    candidates: Sequence[int] = DEFAULT_CANDIDATES,
+    **apply_kwargs,
+):
+    """`model.apply(variables, *args, **apply_kwargs)` with every registered layer
+    quantized at `bits` (int32[L] per field; traced, vmappable). Bits are checked
+    against `candidates` where concrete; shapes are always checked."""
+    check_bits(bits, registry, candidates)
+    if qparams is not None:
+        check_qparams(qparams, registry, candidates)
+    with nn.intercept_methods(make_interceptor(bits, registry, qparams)):
+        return model.apply(variables, *args, **apply_kwargs)
