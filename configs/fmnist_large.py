@@ -7,18 +7,13 @@ Trained to 56k of 80k steps so far (the GPU budget of the session that started i
 ran out); if its FID beats configs/fmnist.py's, it becomes the shipped model.
 """
 
-import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location(
-    "_fmnist", Path(__file__).with_name("fmnist.py")
-)
-_fmnist = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fmnist)
+from tmpq_jax.config import load_config
 
 
 def get_config(arg=None):
-    c = _fmnist.get_config()
+    c = load_config(str(Path(__file__).with_name("fmnist.py")))
     c.model.update(num_res_blocks=2, attn_resolutions=(14, 7))
     c.train.update(num_steps=80_000)
     return c

@@ -3,18 +3,13 @@
 tmpq train --config configs/smoke.py --workdir /tmp/smoke
 """
 
-import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location(
-    "_fmnist", Path(__file__).with_name("fmnist.py")
-)
-_fmnist = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fmnist)
+from tmpq_jax.config import load_config
 
 
 def get_config(arg=None):
-    c = _fmnist.get_config()
+    c = load_config(str(Path(__file__).with_name("fmnist.py")))
     c.model.update(
         ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,), num_groups=4
     )
