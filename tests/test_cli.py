@@ -189,3 +189,53 @@ def test_layers_lists_the_shipped_registry(capsys):
     out = capsys.readouterr().out
     for name in ("conv_in", "mid_attn/qk", "mid_attn/av", "conv_out", "uniform W6A6"):
         assert name in out
+
+
+def test_calibrate_writes_a_loadable_calibration(trained, tmp_path, capsys):
+    from tmpq_jax.quant import load_calibration, unet_registry
+    from tmpq_jax.sampling import load_model
+
+    out = tmp_path / "calib"
+    args = [
+        "calibrate",
+        "--checkpoint",
+        str(trained / "model"),
+        "--out",
+        str(out),
+        "--candidates",
+        "8,4",
+        "--timesteps",
+        "2",
+        "--samples",
+        "2",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    reg = unet_registry(load_model(trained / "model").config)
+    qparams, meta = load_calibration(out, reg, (8, 4))
+    assert qparams.act_bound.shape[0] == len(reg) and meta["candidates"] == [8, 4]
+    capsys.readouterr()
+    assert main([*args[:5], "--candidates", "8,9", "--no-progress"]) == 2
+    assert "candidate bit-widths" in _err(capsys)
+
+
+def test_shipped_calibration_matches_the_shipped_model():
+    from tmpq_jax.checkpoint import CHECKPOINTS_DIR
+    from tmpq_jax.quant import load_calibration, unet_registry
+    from tmpq_jax.quant.calibration import model_fingerprint
+    from tmpq_jax.sampling import load_model
+
+    lm = load_model()
+    reg = unet_registry(lm.config)
+    qparams, meta = load_calibration(
+        CHECKPOINTS_DIR / "fmnist_unet_calib",
+        reg,
+        (8, 7, 6, 5),
+        model_fingerprint(lm.card),
+    )
+    # One bound per layer, per operand, per candidate width; the default settings.
+    assert qparams.act_bound.shape == (len(reg), 2, 4)
+    assert (
+        meta["settings"]["num_timesteps"] == 20
+        and meta["settings"]["num_samples"] == 32
+    )

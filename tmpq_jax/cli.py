@@ -1,4 +1,4 @@
-"""`tmpq` command line: train, sample, train-classifier, eval, layers.
+"""`tmpq` command line: train, sample, train-classifier, eval, layers, calibrate.
 
 Config overrides follow ml_collections' flag style: `--config.train.num_steps=100`.
 Every `UserError` becomes one line on stderr and exit status 2.
@@ -163,6 +163,48 @@ def cmd_layers(args, overrides) -> int:
     return 0
 
 
+def cmd_calibrate(args, overrides) -> int:
+    import jax
+
+    from tmpq_jax.quant import calibrate, save_calibration, unet_registry
+    from tmpq_jax.quant.calibration import model_fingerprint
+    from tmpq_jax.quant.supernet import check_candidates
+    from tmpq_jax.sampling import load_model
+
+    if overrides:
+        raise UserError(
+            f"`tmpq calibrate` takes no --config overrides (got {overrides[0]!r})."
+        )
+    try:
+        cands = tuple(int(b) for b in args.candidates.split(","))
+    except ValueError:
+        raise UserError(
+            f"--candidates {args.candidates!r}: write bit-widths like 8,7,6,5."
+        ) from None
+    check_candidates(cands)
+    lm = load_model(args.checkpoint)
+    reg = unet_registry(lm.config)
+    qparams, info = calibrate(
+        lm,
+        jax.random.key(args.seed),
+        cands,
+        args.timesteps,
+        args.samples,
+        progress=not args.no_progress,
+        registry=reg,
+    )
+    settings = {k: info[k] for k in ("num_timesteps", "num_samples")} | {
+        "seed": args.seed
+    }
+    path = save_calibration(
+        args.out, qparams, reg, cands, settings, model_fingerprint(lm.card)
+    )
+    print(
+        f"calibrated {len(reg)} layers x {len(cands)} widths in {info['seconds']:.1f} s; wrote {path}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tmpq", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -221,6 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the figures to this .json")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    k = sub.add_parser(
+        "calibrate", help="calibrate every layer for every candidate width"
+    )
+    k.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")
+    k.add_argument("--out", required=True, help="calibration directory to write")
+    k.add_argument("--candidates", default="8,7,6,5", help="candidate bit-widths")
+    k.add_argument(
+        "--timesteps", type=int, default=20, help="DDIM steps of the calibration set"
+    )
+    k.add_argument(
+        "--samples", type=int, default=32, help="trajectories in the calibration set"
+    )
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(fn=cmd_calibrate)
 
     q = sub.add_parser("layers", help="list the quantizable layers (names for genomes)")
     q.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")

@@ -1,6 +1,8 @@
 """Quantization supernet (TMPQ-DM, arXiv 2404.09532): per-layer traced bit-widths
 applied to any Flax linen model through AQT, the layer registry and the cost model."""
 
+from tmpq_jax.quant.calibration import calibrate, calibration_set
+from tmpq_jax.quant.calibration_io import load_calibration, save_calibration
 from tmpq_jax.quant.cost import (
     bitops_per_step,
     layer_bitops,
@@ -35,14 +37,18 @@ __all__ = [
     "QuantBits",
     "bitops_per_step",
     "build_registry",
+    "calibrate",
+    "calibration_set",
     "check_bits",
     "check_candidates",
     "format_registry",
     "layer_bitops",
+    "load_calibration",
     "make_interceptor",
     "model_size_bits",
     "print_registry",
     "quantized_apply",
+    "save_calibration",
     "total_bitops",
     "uniform_bitops",
     "unet_registry",

@@ -1,0 +1,144 @@
+"""Saving and loading a calibration (the precision solver's stored results).
+
+One directory: `arrays/` (orbax: per-layer activation bounds and weight clip ratios
+for every candidate width) and `calibration.json` (candidates, layer names, the
+model's fingerprint, settings). Written to a temporary sibling and renamed, so a
+failed save leaves the previous calibration intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from tmpq_jax.checkpoint import abstract
+from tmpq_jax.errors import UserError
+from tmpq_jax.quant.calibration import calibration_widths
+from tmpq_jax.quant.registry import LayerRegistry
+from tmpq_jax.quant.supernet import QParams
+
+FORMAT = "tmpq-calibration"
+VERSION = 1
+META_FILE = "calibration.json"
+ARRAYS_DIR = "arrays"
+
+
+def _arrays(qparams: QParams) -> dict:
+    clips = {f"{i:04d}": c for i, c in enumerate(qparams.w_clip or ()) if c is not None}
+    return {"act_bound": qparams.act_bound, "w_clip": clips}
+
+
+def save_calibration(
+    path: str | os.PathLike,
+    qparams: QParams,
+    registry: LayerRegistry,
+    candidates: Sequence[int],
+    settings: dict | None = None,
+    model_fingerprint: str | None = None,
+) -> Path:
+    """Writes `qparams` + calibration.json to `path` atomically (a temporary
+    sibling renamed into place; nothing is left behind if writing fails)."""
+    if qparams.act_bound is None or qparams.w_clip is None:
+        raise UserError("only a complete calibration (act_bound and w_clip) is saved.")
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        format=FORMAT,
+        version=VERSION,
+        candidates=[int(c) for c in candidates],
+        bit_widths=list(qparams.bit_widths),
+        layer_names=list(registry.names),
+        settings=settings or {},
+        model_fingerprint=model_fingerprint,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / ARRAYS_DIR, _arrays(qparams))
+        ckptr.wait_until_finished()
+        _write_meta(tmp / META_FILE, meta)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write_meta(file: Path, meta: dict) -> None:
+    file.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_calibration_meta(path: str | os.PathLike) -> dict:
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        raise UserError(f"no calibration at {path} (no {META_FILE}); run calibration.")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: corrupt JSON ({e}); recalibrate.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{file}: not a tmpq calibration; recalibrate.")
+    return meta
+
+
+def load_calibration(
+    path: str | os.PathLike,
+    registry: LayerRegistry,
+    candidates: Sequence[int],
+    model_fingerprint: str | None = None,
+) -> tuple[QParams, dict]:
+    """(QParams, meta) from `save_calibration`'s directory. UserError if it was made
+    for other layers, another candidate set or (when given) another model."""
+    meta = read_calibration_meta(path)
+    cands = [int(c) for c in candidates]
+    if meta.get("candidates") != cands:
+        raise UserError(
+            f"{path}: calibrated for candidate bits {meta.get('candidates')}, "
+            f"not {cands}; recalibrate with these candidates."
+        )
+    if meta.get("layer_names") != list(registry.names):
+        raise UserError(
+            f"{path}: calibrated for another model's layers "
+            f"({len(meta.get('layer_names') or [])} vs {len(registry)}); recalibrate."
+        )
+    fp = meta.get("model_fingerprint")
+    if model_fingerprint is not None and fp != model_fingerprint:
+        raise UserError(
+            f"{path}: calibrated for model {fp}, not {model_fingerprint}; recalibrate."
+        )
+    widths = tuple(int(b) for b in meta.get("bit_widths") or ())
+    if widths != calibration_widths(cands, registry):
+        raise UserError(f"{path}: bad bit_widths {list(widths)}; recalibrate.")
+    n, k = len(registry), len(widths)
+    like = {
+        "act_bound": jax.ShapeDtypeStruct((n, 2, k), jnp.float32),
+        "w_clip": {
+            f"{i:04d}": jax.ShapeDtypeStruct((k, layer.kernel_shape[-1]), jnp.float32)
+            for i, layer in enumerate(registry)
+            if layer.kernel_shape
+        },
+    }
+    try:
+        tree = ocp.StandardCheckpointer().restore(
+            (Path(path) / ARRAYS_DIR).resolve(), abstract(like)
+        )
+    except Exception as e:  # orbax raises many types for missing/corrupt data
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        raise UserError(
+            f"{path}: cannot restore calibration ({type(e).__name__}: {msg}); "
+            "it is corrupt: recalibrate."
+        ) from None
+    clips = tuple(
+        tree["w_clip"][f"{i:04d}"] if layer.kernel_shape else None
+        for i, layer in enumerate(registry)
+    )
+    return QParams(widths, tree["act_bound"], clips), meta
