@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tmpq_jax.checkpoint as tmpq_checkpoint
 from tmpq_jax.diffusion.schedules import DiffusionConfig
 from tmpq_jax.errors import UserError
 from tmpq_jax.quant import LayerRegistry, QuantBits, quantized_apply, unet_registry
@@ -200,7 +201,7 @@ def test_failed_save_leaves_nothing_and_keeps_the_old_one(calib, tmp_path, monke
     def fail(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(qc, "_write_meta", fail)
+    monkeypatch.setattr(tmpq_checkpoint, "_write_json", fail)
     with pytest.raises(OSError, match="disk full"):
         qio.save_calibration(path, qp, reg, CANDIDATES)
     with pytest.raises(OSError, match="disk full"):

@@ -36,22 +36,37 @@ def abstract(tree: Any) -> Any:
     )
 
 
-def save_model(path: str | os.PathLike, params: Any, card: dict) -> Path:
-    """Writes params + card.json to `path` atomically (replacing what was there)."""
+def _write_json(file: Path, obj: dict) -> None:
+    file.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def save_tree_and_json(
+    path: str | os.PathLike, tree_dir: str, tree: Any, json_file: str, meta: dict
+) -> Path:
+    """Writes an orbax `tree` and a JSON `meta` as one directory, atomically.
+
+    Both go to a temporary sibling that replaces `path` only once complete: a
+    crash or a failed write leaves the previous directory (or none) behind.
+    """
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", params)
+        ckptr.save(tmp / tree_dir, tree)
         ckptr.wait_until_finished()
-        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        _write_json(tmp / json_file, meta)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def save_model(path: str | os.PathLike, params: Any, card: dict) -> Path:
+    """Writes params + card.json to `path` atomically (replacing what was there)."""
+    return save_tree_and_json(path, "params", params, "card.json", card)
 
 
 def read_card(path: str | os.PathLike) -> dict:

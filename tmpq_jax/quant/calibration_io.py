@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from tmpq_jax.checkpoint import abstract
+from tmpq_jax.checkpoint import abstract, save_tree_and_json
 from tmpq_jax.errors import UserError
 from tmpq_jax.quant.calibration import calibration_widths
 from tmpq_jax.quant.registry import LayerRegistry
@@ -48,8 +46,6 @@ def save_calibration(
     sibling renamed into place; nothing is left behind if writing fails)."""
     if qparams.act_bound is None or qparams.w_clip is None:
         raise UserError("only a complete calibration (act_bound and w_clip) is saved.")
-    path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
         format=FORMAT,
         version=VERSION,
@@ -59,22 +55,7 @@ def save_calibration(
         settings=settings or {},
         model_fingerprint=model_fingerprint,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / ARRAYS_DIR, _arrays(qparams))
-        ckptr.wait_until_finished()
-        _write_meta(tmp / META_FILE, meta)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _write_meta(file: Path, meta: dict) -> None:
-    file.write_text(json.dumps(meta, indent=2) + "\n")
+    return save_tree_and_json(path, ARRAYS_DIR, _arrays(qparams), META_FILE, meta)
 
 
 def read_calibration_meta(path: str | os.PathLike) -> dict:
