@@ -44,7 +44,7 @@ from tmpq_jax.diffusion.samplers import ddim_step
 from tmpq_jax.diffusion.schedules import NoiseSchedule, uniform_timesteps
 from tmpq_jax.errors import UserError
 from tmpq_jax.quant import numerics
-from tmpq_jax.quant.registry import LayerRegistry, layer_kind
+from tmpq_jax.quant.registry import LayerRegistry, layer_call_interceptor
 from tmpq_jax.quant.supernet import DEFAULT_CANDIDATES, QParams, check_candidates
 
 # Grids, largest first: on a tie argmin keeps the unclipped range.
@@ -103,23 +103,14 @@ def _stats_fn(model: nn.Module, registry: LayerRegistry, per_batch: int):
 
     def fn(variables, x, t, key):
         seen: dict[tuple[int, int], list[jax.Array]] = {}
-        active: list[tuple[str, ...]] = []
 
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            kind = layer_kind(module)
-            path = tuple(module.path)
-            if kind is None or context.method_name != "__call__" or path in active:
-                return next_fun(*args, **kwargs)
+        def collect(module, kind, path, args, kwargs, next_fun):
             i = registry.index_of_path(path)
             for j, a in enumerate(_operands(kind, args)):
                 seen.setdefault((i, j), []).append(jnp.ravel(a).astype(jnp.float32))
-            active.append(path)
-            try:
-                return next_fun(*args, **kwargs)
-            finally:
-                active.pop()
+            return next_fun(*args, **kwargs)
 
+        interceptor = layer_call_interceptor(collect)
         with nn.intercept_methods(interceptor):
             model.apply(variables, x, t)
         # One random draw for all operands (one RNG op compiles much faster than

@@ -160,6 +160,30 @@ def _record(module, kind, args, out, softmax_matmuls) -> LayerInfo:
     )
 
 
+def layer_call_interceptor(hook):
+    """An `nn.intercept_methods` interceptor that hands each outermost call of a
+    quantizable layer to `hook(module, kind, path, args, kwargs, next_fun)`.
+
+    Other methods and calls nested inside a layer already being handled (a
+    Dense's own submodule calls) pass straight through.
+    """
+    active: list[tuple[str, ...]] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        kind = layer_kind(module)
+        path = tuple(module.path)
+        if kind is None or context.method_name != "__call__" or path in active:
+            return next_fun(*args, **kwargs)
+        active.append(path)
+        try:
+            return hook(module, kind, path, args, kwargs, next_fun)
+        finally:
+            active.pop()
+
+    return interceptor
+
+
 def build_registry(
     model: nn.Module,
     variables: Any,
@@ -173,19 +197,9 @@ def build_registry(
     `jax.ShapeDtypeStruct`s; MACs are divided by `batch_size` (default: the first
     argument's leading dimension) to give MACs per sample."""
     records: dict[tuple[str, ...], LayerInfo] = {}
-    active: list[tuple[str, ...]] = []
 
-    def recorder(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        kind = layer_kind(module)
-        path = tuple(module.path)
-        if kind is None or context.method_name != "__call__" or path in active:
-            return next_fun(*call_args, **call_kwargs)
-        active.append(path)
-        try:
-            out = next_fun(*call_args, **call_kwargs)
-        finally:
-            active.pop()
+    def record(module, kind, path, call_args, call_kwargs, next_fun):
+        out = next_fun(*call_args, **call_kwargs)
         rec = _record(module, kind, call_args, out, tuple(softmax_matmuls))
         if path in records:  # a shared layer called again: add its MACs
             old = records[path]
@@ -195,6 +209,7 @@ def build_registry(
         records[path] = rec
         return out
 
+    recorder = layer_call_interceptor(record)
     with nn.intercept_methods(recorder):
         jax.eval_shape(
             lambda v, *a: model.apply(v, *a, **apply_kwargs), variables, *args
