@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 
 from tmpq_jax.diffusion.schedules import DiffusionConfig
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import UserError, check_keys
 from tmpq_jax.models.unet import UNetConfig
 
 
@@ -66,12 +66,7 @@ class ExperimentConfig:
 
 
 def _build(cls, d: dict, section: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise UserError(
-            f"unknown keys {sorted(unknown)} in config.{section}; known: {sorted(names)}."
-        )
+    check_keys(cls, d, f"config.{section}")
     return cls(**d)
 
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import UserError, check_keys
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -53,12 +53,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(
-                f"unknown classifier config keys {unknown}; known: {sorted(known)}."
-            )
+        check_keys(cls, d, "the classifier config")
         kw = dict(d)
         if "widths" in kw:
             kw["widths"] = tuple(kw["widths"])

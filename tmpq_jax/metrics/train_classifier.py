@@ -32,7 +32,7 @@ import optax
 from tqdm import tqdm
 
 from tmpq_jax.data import load_fmnist
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import UserError, check_keys
 from tmpq_jax.metrics.classifier import (
     IMAGE_SHAPE,
     Classifier,
@@ -83,12 +83,7 @@ class ClassifierTrainConfig:
     def from_configdict(cls, cd: Any) -> ClassifierTrainConfig:
         """From an `ml_collections.ConfigDict` (or dict) like configs/classifier.py."""
         d = dict(cd.to_dict() if hasattr(cd, "to_dict") else cd)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(
-                f"unknown classifier training keys {unknown}; known: {sorted(known)}."
-            )
+        check_keys(cls, d, "the classifier training config")
         if "model" in d:
             d["model"] = ClassifierConfig.from_dict(dict(d["model"]))
         if "fid_floor_sizes" in d:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import UserError, check_keys
 from tmpq_jax.models.ops import Conv, Dense, MatMul
 
 
@@ -36,12 +36,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise UserError(
-                f"unknown model config keys {sorted(unknown)}; known: {sorted(fields)}."
-            )
+        check_keys(cls, d, "the model config")
         d = dict(d)
         for k in ("ch_mult", "attn_resolutions"):
             if k in d:
