@@ -1,6 +1,6 @@
 """The full-precision quality table: FID/KID/IS/class histogram per sampler setting.
 
-  python -m benchmarks.fp_baseline [--num-samples 10000]
+  python -m benchmarks.fp_baseline [--num-samples 10000] [--checkpoint DIR]
 
 Rows: DDIM 10 quad, 10 uniform, 20 quad, 20 uniform, 50 and 100 uniform, DDPM 1000;
 then the floor (real train subsets of 2000 and 10000 against the test stats, 5
@@ -37,6 +37,11 @@ def main() -> None:
     )
     ap.add_argument("--floor-sizes", default="2000,10000")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="exported model dir (default: the shipped checkpoints/fmnist_unet)",
+    )
     args = ap.parse_args()
 
     rows = (
@@ -44,7 +49,7 @@ def main() -> None:
         if args.rows == "all"
         else [(int(r.split(":")[0]), r.split(":")[1]) for r in args.rows.split(",")]
     )
-    ev, lm = Evaluator(), load_model()
+    ev, lm = Evaluator(), load_model(args.checkpoint)
     results = []
     for steps, schedule in rows:
         t0 = time.perf_counter()
@@ -70,7 +75,7 @@ def main() -> None:
     payload = {
         **provenance(),
         "metric": FID_NAME,
-        "model_checkpoint": "checkpoints/fmnist_unet",
+        "model_checkpoint": args.checkpoint or "checkpoints/fmnist_unet",
         "model_card": {k: lm.card[k] for k in ("steps", "params", "device")},
         "feature_net": ev.net.path,
         "rows": results,

@@ -78,3 +78,16 @@ def test_same_key_same_samples(tiny_eps_fn, sched):
     c = run(jax.random.key(8))
     np.testing.assert_array_equal(a, b)
     assert float(jnp.max(jnp.abs(a - c))) > 1e-3
+
+
+def test_ddim_repeated_timesteps_are_no_ops(sched, key):
+    # A 3-step schedule padded with repeats of its last step to length 6 samples
+    # exactly like the 3-step one (how a search over the step count stays one
+    # compiled sampler); the eps model is non-trivial so a real extra step would show.
+    x_T = jax.random.normal(key, (2, 4, 4, 1))
+    eps = lambda x, t: jnp.tanh(x) * (t[:, None, None, None] / 1000.0)
+    short = ddim_sample(key, eps, x_T, np.array([10, 300, 700]), sched)
+    padded = ddim_sample(key, eps, x_T, np.array([10, 300, 700, 700, 700, 700]), sched)
+    np.testing.assert_array_equal(short, padded)
+    longer = ddim_sample(key, eps, x_T, np.array([10, 300, 500, 700]), sched)
+    assert not np.allclose(short, longer)

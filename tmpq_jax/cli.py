@@ -1,4 +1,4 @@
-"""`tmpq` command line: train, sample, train-classifier, eval, layers, calibrate.
+"""`tmpq` command line: train, sample, train-classifier, eval, layers, calibrate, search.
 
 Config overrides follow ml_collections' flag style: `--config.train.num_steps=100`.
 Every `UserError` becomes one line on stderr and exit status 2.
@@ -64,15 +64,35 @@ def cmd_sample(args, overrides) -> int:
             raise UserError(
                 f"{p}: use a .png path for --out and a .npz path for --npz."
             )
-    lm = load_model(args.checkpoint)
-    if args.dtype:
-        lm = lm.with_dtype(args.dtype)
-    T = lm.diffusion.num_timesteps
-    ts = (
-        None
-        if args.schedule == "ddpm"
-        else timestep_schedule(args.schedule, args.steps, T)
-    )
+    if args.genome:  # the genome's timesteps and int8 weights (AQT SERVE)
+        from tmpq_jax.serving import load_genome_model
+
+        for flag, v in (("--steps", args.steps), ("--schedule", args.schedule)):
+            if v is not None:
+                raise UserError(
+                    f"{flag}: a --genome carries its own timesteps; leave it out."
+                )
+        if args.dtype:
+            raise UserError(
+                "--dtype: the int8 model samples in float32; leave it out with --genome."
+            )
+        lm, genome = load_genome_model(args.genome, args.checkpoint, args.calibration)
+        ts = genome.timesteps
+    else:
+        if args.calibration:
+            raise UserError("--calibration is only used with --genome.")
+        lm = load_model(args.checkpoint)
+        if args.dtype:
+            lm = lm.with_dtype(args.dtype)
+        T = lm.diffusion.num_timesteps
+        schedule = args.schedule or "quad"
+        ts = (
+            None
+            if schedule == "ddpm"
+            else timestep_schedule(
+                schedule, args.steps if args.steps is not None else 10, T
+            )
+        )
     imgs = to_uint8(
         sample(
             jax.random.key(args.seed),
@@ -167,7 +187,8 @@ def cmd_calibrate(args, overrides) -> int:
     import jax
 
     from tmpq_jax.quant import calibrate, save_calibration, unet_registry
-    from tmpq_jax.quant.calibration import model_fingerprint
+    from tmpq_jax.quant import reconstruction as rc
+    from tmpq_jax.quant.calibration import calibration_set, model_fingerprint
     from tmpq_jax.quant.supernet import check_candidates
     from tmpq_jax.sampling import load_model
 
@@ -182,6 +203,10 @@ def cmd_calibrate(args, overrides) -> int:
             f"--candidates {args.candidates!r}: write bit-widths like 8,7,6,5."
         ) from None
     check_candidates(cands)
+    if args.reconstruct and args.reconstruct_steps < 1:
+        raise UserError(
+            f"--reconstruct-steps {args.reconstruct_steps}: use at least 1."
+        )
     lm = load_model(args.checkpoint)
     reg = unet_registry(lm.config)
     qparams, info = calibrate(
@@ -194,14 +219,77 @@ def cmd_calibrate(args, overrides) -> int:
         registry=reg,
     )
     settings = {k: info[k] for k in ("num_timesteps", "num_samples")} | {
-        "seed": args.seed
+        "seed": args.seed,
+        "stage": rc.STAGE_MIN_MSE,
     }
+    seconds = info["seconds"]
+    if args.reconstruct:
+        key = jax.random.key(args.seed)
+        xs, ts = calibration_set(
+            lm, jax.random.fold_in(key, 0), args.timesteps, args.samples
+        )  # the set `calibrate` used (same key)
+        qparams, rinfo = rc.reconstruct(
+            lm.model,
+            lm.params,
+            reg,
+            qparams,
+            xs,
+            ts,
+            jax.random.fold_in(key, 2),
+            steps=args.reconstruct_steps,
+            progress=not args.no_progress,
+        )
+        kept = sum(r["kept"] == rc.STAGE_RECONSTRUCTION for r in rinfo["fits"])
+        settings |= {
+            "stage": rc.STAGE_RECONSTRUCTION,
+            "reconstruct": {
+                k: rinfo[k] for k in ("steps", "lr", "batch_size", "depth", "num_pairs")
+            }
+            | {"fits": len(rinfo["fits"]), "fits_improved": kept},
+        }
+        seconds += rinfo["seconds"]
+        print(
+            f"reconstruction improved {kept} of {len(rinfo['fits'])} block x width "
+            "fits (the others keep their min-MSE values)"
+        )
     path = save_calibration(
         args.out, qparams, reg, cands, settings, model_fingerprint(lm.card)
     )
     print(
-        f"calibrated {len(reg)} layers x {len(cands)} widths in {info['seconds']:.1f} s; wrote {path}"
+        f"calibrated {len(reg)} layers x {len(cands)} widths ({settings['stage']}) "
+        f"in {seconds:.1f} s; wrote {path}"
     )
+    return 0
+
+
+DEFAULT_SEARCH_CONFIG = Path(DEFAULT_CONFIG).with_name("fmnist_search.py")
+
+
+def _default_search_config() -> str:
+    """The paper protocol on an accelerator, the reduced one on a CPU."""
+    import jax
+
+    cpu = jax.default_backend() == "cpu"
+    name = "fmnist_search_cpu.py" if cpu else "fmnist_search.py"
+    return str(DEFAULT_SEARCH_CONFIG.with_name(name))
+
+
+def cmd_search(args, overrides) -> int:
+    from tmpq_jax.config import load_config
+    from tmpq_jax.evaluation import FID_NAME
+    from tmpq_jax.search import SearchRunConfig, search
+
+    spec = args.config or _default_search_config()
+    run = SearchRunConfig.from_configdict(load_config(spec, overrides))
+    r = search(run, args.workdir, progress=not args.no_progress)
+    rs = r["rescored"]
+    print(
+        f"best genome: {FID_NAME} {rs['fid']:.3f} on {rs['num_samples']} samples "
+        f"({r['fid_search']:.3f} on the search's {r['search_samples']}); "
+        f"{r['total_bitops'] / 1e9:.2f} GBitOPs over {len(r['timesteps'])} steps "
+        f"(budget {r['budget_bitops'] / 1e9:.2f}); timesteps {r['timesteps']}"
+    )
+    print(f"wrote {Path(args.workdir) / 'result.json'} and plots in {args.workdir}")
     return 0
 
 
@@ -224,8 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--checkpoint", help="exported model dir (default: checkpoints/fmnist_unet)"
     )
-    s.add_argument("--steps", type=int, default=10)
-    s.add_argument("--schedule", choices=["quad", "uniform", "ddpm"], default="quad")
+    s.add_argument("--steps", type=int, help="DDIM steps (default 10)")
+    s.add_argument(
+        "--schedule", choices=["quad", "uniform", "ddpm"], help="(default quad)"
+    )
+    s.add_argument(
+        "--genome",
+        help="genome/result .json: sample its timesteps from its int8 model",
+    )
+    s.add_argument(
+        "--calibration",
+        help="with --genome: calibration dir (default: the one the genome names)",
+    )
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     s.add_argument("--num", type=int, default=100)
     s.add_argument("--nrow", type=int, default=None)
@@ -277,13 +375,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=32, help="trajectories in the calibration set"
     )
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="then block-wise output reconstruction (learned step sizes)",
+    )
+    k.add_argument(
+        "--reconstruct-steps",
+        type=int,
+        default=300,
+        help="Adam steps per block and width (with --reconstruct)",
+    )
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(fn=cmd_calibrate)
 
     q = sub.add_parser("layers", help="list the quantizable layers (names for genomes)")
     q.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")
     q.set_defaults(fn=cmd_layers)
+    _add_search_parser(sub)
     return p
+
+
+def _add_search_parser(sub) -> None:
+    r = sub.add_parser(
+        "search",
+        help="joint timestep + layer-wise bit search (default: the shipped model)",
+    )
+    r.add_argument(
+        "--config",
+        help="search config .py (default: configs/fmnist_search.py on an "
+        "accelerator, configs/fmnist_search_cpu.py on a CPU)",
+    )
+    r.add_argument(
+        "--workdir", default="runs/search", help="checkpoints, log, results, plots"
+    )
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(fn=cmd_search)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,13 @@ class Evaluator:
         )
         self._data_dir = data_dir
 
+    @classmethod
+    def from_parts(cls, net: FeatureNet, stats: dict) -> Evaluator:
+        """An Evaluator over an already loaded net and its reference statistics."""
+        ev = cls.__new__(cls)
+        ev.net, ev.stats, ev._data_dir = net, stats, None
+        return ev
+
     @functools.cached_property
     def test_features(self) -> np.ndarray:
         if "features_test" in self.stats:  # stored with the stats: skips 10k forwards

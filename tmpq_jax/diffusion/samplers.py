@@ -3,6 +3,9 @@
 `timesteps` is an int array (ascending, t_1 < ... < t_N) that may be a traced value:
 one compiled sampler serves every schedule of the same length, and `jax.vmap`
 runs several schedules at once. `eps_fn(x, t)` is the model, t of shape [B].
+A repeated timestep (t_i == t_{i+1}) is an exact no-op step: a schedule of n < N
+distinct steps padded with repeats of its last one samples like the n-step schedule,
+which is how a search over the number of steps keeps one compiled sampler.
 """
 
 from __future__ import annotations
@@ -51,9 +54,10 @@ def ddim_sample(
         t, t_prev, i = inp
         eps = eps_fn(x, jnp.full((x.shape[0],), t))
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        return ddim_step(
+        x_prev = ddim_step(
             x, eps, _alpha_bar(sched, t), _alpha_bar(sched, t_prev), eta, noise
-        ), None
+        )
+        return jnp.where(t == t_prev, x, x_prev), None
 
     x0, _ = jax.lax.scan(body, x_T, (t_seq, t_prev_seq, idx))
     return x0

@@ -51,6 +51,10 @@ class FeatureNet:
     params: Any
     config: ClassifierConfig = struct.field(pytree_node=False)
     path: str | None = struct.field(pytree_node=False, default=None)
+    # The input shape it was trained on (tests build nets for smaller images).
+    image_shape: tuple[int, int, int] = struct.field(
+        pytree_node=False, default=IMAGE_SHAPE
+    )
 
     @property
     def feature_dim(self) -> int:
@@ -73,14 +77,14 @@ class FeatureNet:
         `images`: uint8 [N, 28, 28(, 1)] (mapped to [-1, 1]) or float in [-1, 1].
         The last batch is padded, so only one shape is ever compiled.
         """
-        x = check_images(images)
+        x = check_images(images, self.image_shape)
         n = x.shape[0]
         bs = max(1, min(int(batch_size), n))
         feats, logits = [], []
         for start in range(0, n, bs):
             chunk = x[start : start + bs]
             if chunk.shape[0] < bs:
-                pad = np.zeros((bs - chunk.shape[0], *IMAGE_SHAPE), np.float32)
+                pad = np.zeros((bs - chunk.shape[0], *self.image_shape), np.float32)
                 chunk = np.concatenate([chunk, pad])
             f, lg = _features_and_logits_jit(self, chunk)
             feats.append(f)
@@ -96,15 +100,16 @@ class FeatureNet:
 _features_and_logits_jit = jax.jit(lambda net, x: net.features_and_logits(x))
 
 
-def check_images(images) -> np.ndarray:
+def check_images(images, shape: tuple[int, ...] = IMAGE_SHAPE) -> np.ndarray:
     """Host-side: [N, 28, 28(, 1)] uint8 or finite float in about [-1, 1] -> float32."""
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE or x.shape[0] == 0:
+    if x.ndim != 4 or x.shape[1:] != tuple(shape) or x.shape[0] == 0:
         raise UserError(
             f"images have shape {np.asarray(images).shape}; the feature net takes "
-            "a non-empty [N, 28, 28, 1] batch (Fashion-MNIST size)."
+            f"a non-empty [N, {', '.join(map(str, shape))}] batch"
+            + (" (Fashion-MNIST size)." if tuple(shape) == IMAGE_SHAPE else ".")
         )
     if x.dtype == np.uint8:
         return to_model_range(x)

@@ -21,6 +21,12 @@ fake-quant without a straight-through gradient, and with the custom VJP off the 
 has none either. AQT configs are mutated on first use (`init_calibration`), so every
 call builds a fresh one. Keep AQT behind this module so a swap (e.g. to Qwix) stays
 local.
+
+CONVERT/SERVE (real int8 weights, `export.py`): `convert_weight` is AQT's CONVERT
+for one kernel (the rhs `QTensor` its quantizer computes: int8 qvalue + per-channel
+scale); `served_dot_general` / `served_conv_general_dilated` are AQT's SERVE: the
+frozen `QTensor` is handed to AQT's dot_general / conv as `rhs_qt`, which replaces
+the kernel's quantization, exactly what AQT's Flax `Freezer` does in SERVE mode.
 """
 
 from __future__ import annotations
@@ -31,7 +37,13 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from aqt.jax.v2 import aqt_conv_general, aqt_dot_general, aqt_quantizer, calibration
+from aqt.jax.v2 import (
+    aqt_conv_general,
+    aqt_dot_general,
+    aqt_quantizer,
+    aqt_tensor,
+    calibration,
+)
 from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2 import utils as aqt_utils
 from aqt.jax.v2.numerics import int_numerics
@@ -224,11 +236,16 @@ def einsum(equation: str, a: jax.Array, b: jax.Array, a_q: ActQuant, b_q: ActQua
     return aqt_dot_general.einsum(equation, a, b, dg=cfg)
 
 
-def _fake_quant(x, spec, shared_axes: Sequence[int] | None):
+def _quant(x, spec, shared_axes: Sequence[int] | None) -> aqt_tensor.QTensor:
     q = aqt_quantizer.quantizer_make(8, initialize_calibration=False)
     _set(q, spec)
     q.init_calibration()
     qt, _ = q.quant(x, calibration_axes=shared_axes)
+    return qt
+
+
+def _fake_quant(x, spec, shared_axes: Sequence[int] | None):
+    qt = _quant(x, spec, shared_axes)
     return qt.dequant(), qt.scale[0]
 
 
@@ -241,3 +258,82 @@ def fake_quant_weight(w: jax.Array, spec: WeightQuant) -> tuple[jax.Array, jax.A
 def fake_quant_activation(x: jax.Array, spec: ActQuant) -> tuple[jax.Array, jax.Array]:
     """(dequantized activation, per-tensor scale), exactly as the ops quantize it."""
     return _fake_quant(x, spec, None)
+
+
+# ----------------------------------------------------------------------------
+# CONVERT / SERVE: frozen int8 kernels.
+
+
+def convert_weight(w: jax.Array, spec: WeightQuant) -> tuple[jax.Array, jax.Array]:
+    """AQT CONVERT of one kernel (last axis = output channel), quantized exactly as
+    the ops above quantize it: (qvalue int8[w.shape] in +-(2**(bits-1)-1),
+    scale float32[C_out])."""
+    qt = _quant(w, spec, list(range(w.ndim - 1)))
+    return qt.qvalue, jnp.reshape(qt.scale[0], (w.shape[-1],))
+
+
+def _frozen(qvalue: jax.Array, scale: jax.Array) -> aqt_tensor.QTensor:
+    """A full AQT `QTensor` of a frozen kernel, as AQT's Freezer returns in SERVE."""
+    shape = (1,) * (qvalue.ndim - 1) + (qvalue.shape[-1],)
+    return aqt_tensor.QTensor(
+        qvalue=qvalue,
+        scale=[jnp.reshape(scale, shape)],
+        scale_t=None,
+        bias=[],
+        dequant_dtype=scale.dtype,
+    )
+
+
+_UNUSED = WeightQuant(MAX_BITS)  # rhs numerics of a SERVE op: the frozen QTensor wins
+
+
+def served_dot_general(act: ActQuant, qvalue: jax.Array, scale: jax.Array):
+    """AQT SERVE: a `lax.dot_general` replacement for `nn.Dense` whose kernel is the
+    frozen (qvalue, scale); the `rhs` it is called with is ignored."""
+
+    def fn(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del precision, preferred_element_type
+        cfg = dot_general_config(act, _UNUSED)
+        out, _ = cfg.dg_core(lhs, rhs, None, _frozen(qvalue, scale), dimension_numbers)
+        return out
+
+    return fn
+
+
+def served_conv_general_dilated(act: ActQuant, qvalue: jax.Array, scale: jax.Array):
+    """AQT SERVE: a `lax.conv_general_dilated` replacement for `nn.Conv` whose kernel
+    is the frozen (qvalue, scale); the `rhs` it is called with is ignored."""
+
+    def fn(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=None,
+        rhs_dilation=None,
+        dimension_numbers=None,
+        feature_group_count=1,
+        batch_group_count=1,
+        precision=None,
+        preferred_element_type=None,
+    ):
+        raw = conv_config(act, _UNUSED, rhs.ndim - 2)
+        conv = aqt_conv_general.make_conv_general_dilated_with_qt(raw)
+        out, _ = conv(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_qt=None,
+            rhs_qt=_frozen(qvalue, scale),
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+        return out
+
+    return fn

@@ -1,0 +1,202 @@
+"""The search results table: every method at the same BitOPs budget, re-scored on
+fresh samples (TMPQ-DM re-scores its top 10).
+
+  python -m benchmarks.search_table --budget w6a6 --seeds 0 \
+      --methods fp,uniform,precision,timesteps,random,joint --out-dir DIR
+  python -m benchmarks.search_table --merge DIR1/search_table.json DIR2/...
+
+Rows: full precision 10-step quad; uniform bits + quad (the seed genome); the
+precision-only search (quad steps fixed); the timestep-only search (uniform bits
+fixed); random search with the same number of evaluations; the joint search.
+Budgets: `w6a6` (the paper's, bits {8,7,6,5}) and `w4a8` (bits {8,7,6,5,4}).
+Each search runs `tmpq search` in `--workdir-root/<budget>/<method>_s<seed>`
+(resumable) from `configs/fmnist_search.py` plus `--override`s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from benchmarks.common import RESULTS, provenance, write_json
+from tmpq_jax.config import load_config
+from tmpq_jax.diffusion.samplers import ddim_sample
+from tmpq_jax.evaluation import FID_NAME, Evaluator
+from tmpq_jax.metrics import fid
+from tmpq_jax.quant import cost
+from tmpq_jax.search import SearchRunConfig, prepare, search
+from tmpq_jax.search.outputs import RESCORE_STREAM, rescore
+from tmpq_jax.search.setup import NOISE_STREAM
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search.py")
+BUDGETS = {
+    "w6a6": ["search.budget_w_bits=6", "search.budget_a_bits=6"],
+    "w4a8": [
+        "search.candidates=(8,7,6,5,4)",
+        "search.budget_w_bits=4",
+        "search.budget_a_bits=8",
+        "search.seed_w_bits=4",
+        "search.seed_a_bits=8",
+    ],
+}
+METHODS = {
+    "joint": [],
+    "precision": ["search.space=precision"],
+    "timesteps": ["search.space=timesteps"],
+    "random": ["search.strategy=random"],
+}
+
+
+def _run_config(budget: str, method: str, seed: int, overrides) -> SearchRunConfig:
+    extra = METHODS.get(method, [])
+    cd = load_config(
+        CONFIG, [*BUDGETS[budget], *extra, f"search.seed={seed}", *overrides]
+    )
+    return SearchRunConfig.from_configdict(cd)
+
+
+def _fp_images(setup, x_T):
+    lm = setup.lm
+    ts = setup.space.decode(setup.space.seed).timesteps
+    fn = jax.jit(
+        lambda p, x: ddim_sample(jax.random.key(0), lm.eps_fn(p), x, ts, lm.sched)
+    )
+    return np.clip(np.asarray(fn(lm.params, x_T)), -1, 1), fn
+
+
+def _fp_row(setup, ev: Evaluator) -> dict:
+    """Full precision, the quad schedule: on the search's noise and on fresh noise."""
+    cfg, c = setup.run.search, setup.lm.config
+    images, fn = _fp_images(setup, setup.assets.noise)
+    fid_2k = fid(
+        ev.net.extract(images).features, ev.stats["mu_test"], ev.stats["sigma_test"]
+    )
+    key = jax.random.fold_in(jax.random.key(NOISE_STREAM), RESCORE_STREAM)
+    bs = min(cfg.rescore_batch, cfg.rescore_samples)
+    out = []
+    for b in range(-(-cfg.rescore_samples // bs)):
+        x = jax.random.normal(
+            jax.random.fold_in(key, b), (bs, c.image_size, c.image_size, c.channels)
+        )
+        out.append(np.asarray(fn(setup.lm.params, x)))
+    scores = ev.score(np.clip(np.concatenate(out)[: cfg.rescore_samples], -1, 1))
+    macs = float(np.sum(setup.registry.macs))
+    return {
+        "fid_2k": float(fid_2k),
+        "fid_10k": scores["fid"],
+        "rescored": scores,
+        "bitops": 32 * 32 * macs * cfg.num_steps,
+        "size_bits": 32.0 * float(np.sum(setup.registry.params)),
+    }
+
+
+def _uniform_row(setup, ev: Evaluator) -> dict:
+    """The seed genome (quad steps, uniform bits): its search fitness and rescore."""
+    seed = jax.numpy.asarray(setup.space.seed)
+    fid_2k = float(jax.jit(setup.engine.problem.fid)(setup.assets, seed))
+    scores, _ = rescore(setup, ev, setup.space.seed, progress=False)
+    d = setup.space.decode(seed)
+    return {
+        "fid_2k": fid_2k,
+        "fid_10k": scores["fid"],
+        "rescored": scores,
+        "bitops": float(cost.total_bitops(d.bits, setup.registry, d.num_steps)),
+        "size_bits": float(cost.model_size_bits(d.bits, setup.registry)),
+    }
+
+
+def run_row(method, budget, seed, root: Path, overrides) -> dict:
+    run = _run_config(budget, method, seed, overrides)
+    t0 = time.perf_counter()
+    if method in ("fp", "uniform"):
+        setup = prepare(run, root / budget / "baselines", progress=False)
+        ev = Evaluator.from_parts(setup.assets.net, setup.stats)
+        r = _fp_row(setup, ev) if method == "fp" else _uniform_row(setup, ev)
+        r.update(timesteps=[int(t) for t in setup.space.seed[: setup.space.num_steps]])
+        r.update(evaluations=1)
+    else:
+        wd = root / budget / f"{method}_s{seed}"
+        res = search(run, wd, progress=False)
+        r = {
+            "fid_2k": res["fid_search"],
+            "fid_10k": res["rescored"]["fid"],
+            "rescored": res["rescored"],
+            "bitops": res["total_bitops"],
+            "size_bits": res["size_bits"],
+            "timesteps": res["timesteps"],
+            "evaluations": res["evaluations"],
+            "layers": res["layers"],
+            "workdir": str(wd),
+        }
+    r.update(
+        method=method,
+        budget=budget,
+        budget_bitops=_budget_bitops(run),
+        seed=seed,
+        wall_s=round(time.perf_counter() - t0, 2),
+    )
+    return r
+
+
+def _budget_bitops(run: SearchRunConfig) -> float:
+    from tmpq_jax.quant import unet_registry
+    from tmpq_jax.sampling import load_model
+    from tmpq_jax.search.budget import budget_bitops
+
+    s = run.search
+    reg = unet_registry(load_model(run.model).config)
+    return budget_bitops(reg, s.budget_w_bits, s.budget_a_bits, s.budget_steps)
+
+
+def merge(paths: list[str], out_dir: str | None) -> Path:
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for p in parts for r in p["rows"]]
+    payload = {
+        **parts[-1],
+        "rows": rows,
+        "parts": [{k: p[k] for k in ("device", "date", "command")} for p in parts],
+    }
+    return write_json("search_table.json", payload, out_dir or RESULTS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default="fp,uniform,precision,timesteps,random,joint")
+    ap.add_argument("--budget", default="w6a6", choices=sorted(BUDGETS))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--workdir-root", default="runs/search_table")
+    ap.add_argument("--override", action="append", default=[], help="KEY=VALUE")
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--merge", nargs="*", help="merge part files into one")
+    args = ap.parse_args()
+    if args.merge:
+        print(merge(args.merge, args.out_dir))
+        return
+    rows = []
+    root = Path(args.workdir_root)
+    for method in args.methods.split(","):
+        seeds = (
+            [0]
+            if method in ("fp", "uniform")
+            else [int(s) for s in args.seeds.split(",")]
+        )
+        for seed in seeds:
+            r = run_row(method, args.budget, seed, root, args.override)
+            print(
+                f"{args.budget} {method:10s} seed {seed}: fid_2k {r['fid_2k']:.3f} "
+                f"fid_10k {r['fid_10k']:.3f} bitops {r['bitops'] / 1e9:.1f}G "
+                f"({r['wall_s']} s)",
+                flush=True,
+            )
+            rows.append(r)
+            payload = {**provenance(), "metric": FID_NAME, "rows": rows}
+            write_json(f"search_table_{args.budget}.json", payload, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The search on a tiny UNet: one compile for every generation, resume == an
+uninterrupted run, NaN candidates scored worst, other searches' workdirs refused,
+and the result files. One compiled engine serves the whole module."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tmpq_jax.diffusion.schedules import DiffusionConfig
+from tmpq_jax.errors import UserError
+from tmpq_jax.genome_file import read_genome
+from tmpq_jax.metrics.classifier import Classifier, ClassifierConfig
+from tmpq_jax.metrics.feature_net import FeatureNet
+from tmpq_jax.metrics.reference import sqrtm_psd64
+from tmpq_jax.quant import cost, unet_registry
+from tmpq_jax.sampling import LoadedModel
+from tmpq_jax.search import SearchConfig, SearchRunConfig, build_setup, run_generations
+from tmpq_jax.search.fitness import WORST_FID
+from tmpq_jax.search.outputs import write_outputs
+
+SEARCH = dict(
+    population=4,
+    generations=3,
+    num_samples=16,
+    rescore_samples=24,
+    rescore_batch=24,
+    rescore_top_k=2,
+    candidate_chunk=2,
+)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_cfg, tiny_params):
+    lm = LoadedModel(tiny_cfg, DiffusionConfig(), tiny_params, {"model": "tiny"})
+    ccfg = ClassifierConfig(widths=(8, 16), feature_dim=8, num_groups=4)
+    shape = (tiny_cfg.image_size, tiny_cfg.image_size, 1)
+    p = Classifier(ccfg).init(jax.random.key(2), jnp.zeros((1, *shape)))["params"]
+    net = FeatureNet(p, ccfg, "tiny-net", shape)
+    real = jax.random.uniform(jax.random.key(3), (64, *shape), minval=-1, maxval=1)
+    f = np.asarray(net.features(real), np.float64)
+    sig = np.cov(f, rowvar=False)
+    stats = dict(
+        mu_test=f.mean(0),
+        sigma_test=sig,
+        sqrt_sigma_test=sqrtm_psd64(sig),
+        features_test=f.astype(np.float32),
+    )
+    return lm, unet_registry(tiny_cfg), net, stats
+
+
+def make_setup(parts, **kw):
+    lm, reg, net, stats = parts
+    run = SearchRunConfig(search=SearchConfig(**{**SEARCH, **kw}))
+    return build_setup(run, lm, reg, None, None, net, stats)
+
+
+@pytest.fixture(scope="module")
+def setup(parts):
+    return make_setup(parts)
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("full")
+    return wd, run_generations(setup, wd, progress=False)
+
+
+def test_generations_compile_once_and_fill_the_archive(setup, full_run):
+    _, state = full_run
+    first, nxt = setup.engine.programs
+    assert first._cache_size() == 1 and nxt._cache_size() == 1
+    a = state.archive
+    np.testing.assert_array_equal(a.count, [4, 3, 3])  # top-1 elite kept, 3 new
+    assert int(state.generation) == 3
+    assert np.isfinite(np.asarray(a.fid)[0]).all() and (np.asarray(a.fid) > 0).all()
+    # every scored genome fits the budget (repair), and the BitOPs are its own
+    g = np.asarray(a.genomes)[0]
+    d = jax.vmap(setup.space.decode)(jnp.asarray(g))
+    total = cost.bitops_per_step(d.bits, setup.registry) * d.num_steps
+    np.testing.assert_allclose(np.asarray(a.bitops)[0], total, rtol=1e-6)
+    assert np.asarray(cost.within_budget(a.bitops[0], setup.budget)).all()
+
+
+def test_resume_equals_uninterrupted(setup, full_run, tmp_path):
+    _, full = full_run
+    run_generations(setup, tmp_path, progress=False, stop_after=1)  # "killed"
+    resumed = run_generations(setup, tmp_path, progress=False)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    log = [json.loads(ln) for ln in (tmp_path / "search_log.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in log] == [0, 1, 2]
+    assert setup.engine.programs[1]._cache_size() == 1  # resume did not recompile
+
+
+def test_same_seed_same_search_other_seed_differs(parts, setup, full_run, tmp_path):
+    _, full = full_run
+    other = make_setup(parts, seed=1)
+    state = jax.jit(other.engine.first_generation)(other.assets)
+    assert not np.array_equal(state.archive.genomes[0], full.archive.genomes[0])
+    again = setup.engine.programs[0](setup.assets)
+    np.testing.assert_array_equal(again.archive.fid[0], full.archive.fid[0])
+
+
+def test_nan_samples_get_the_worst_fitness(setup):
+    bad = setup.assets.replace(
+        params=jax.tree.map(lambda p: p * jnp.nan, setup.assets.params)
+    )
+    state = setup.engine.programs[0](bad)  # same program: assets are arguments
+    np.testing.assert_array_equal(state.archive.fid[0], WORST_FID)
+
+
+def test_workdir_of_another_search_is_refused(parts, full_run):
+    wd, _ = full_run
+    other = make_setup(parts, mutation_prob=0.5)
+    with pytest.raises(UserError, match="mutation_prob"):
+        run_generations(other, wd, progress=False)
+
+
+def test_outputs(setup, full_run):
+    wd, state = full_run
+    result = write_outputs(setup, state, wd, progress=False)
+    for name in ("archive.npz", "pareto.json", "topk.json", "result.json"):
+        assert (wd / name).is_file()
+    for name in ("fid_vs_bitops", "bit_allocation", "timesteps", "best_samples"):
+        assert (wd / f"{name}.png").stat().st_size > 1000
+    g = read_genome(wd / "result.json", setup.registry)
+    assert len(g.timesteps) == 10 and result["evaluations"] == 10
+    assert result["total_bitops"] <= setup.budget * (1 + 1e-6)
+    top = json.loads((wd / "topk.json").read_text())["genomes"]
+    fids = [t["rescored"]["fid"] for t in top]
+    assert fids == sorted(fids) and result["rescored"]["fid"] == fids[0]
+    assert result["rescored"]["num_samples"] == 24
+    pts = json.loads((wd / "pareto.json").read_text())["points"]
+    for p in pts:  # nothing on the front is dominated by another front point
+        assert not any(
+            q["total_bitops"] <= p["total_bitops"] and q["fid"] < p["fid"] for q in pts
+        )
+    with np.load(wd / "archive.npz") as z:
+        assert z["genomes"].shape == (10, setup.space.num_genes)

@@ -1,0 +1,326 @@
+"""Real low-bit weights: a concrete genome through AQT's CONVERT / SERVE.
+
+TMPQ-DM (arXiv 2404.09532) ends with one genome: per-layer widths (and timesteps).
+`convert` freezes it: every registered conv/dense kernel becomes AQT's quantized
+tensor at that layer's `w_bits` with its calibrated clip ratio (`QParams.w_clip`
+selected at that width), i.e. int8 values in +-(2**(b-1)-1) plus a float32 scale
+per output channel. `serve_apply` runs the model from those int8 weights.
+
+This is AQT's own CONVERT/SERVE mechanism, used through its functional entry points
+(the supernet does not use AQT's Flax modules, see `numerics.py`):
+  * CONVERT = AQT's quantizer computing the kernel's `QTensor` (qvalue + scale),
+    with the very numerics/calibration objects the fake-quant ops use;
+  * SERVE = that `QTensor` handed to AQT's dot_general (`DotGeneral.dg_core`) and
+    conv (`make_conv_general_dilated_with_qt`) as `rhs_qt`, which replaces the
+    kernel's quantization: what AQT's Flax `Freezer` does in SERVE mode.
+What AQT's Freezer adds is only the storage (an `aqt` variable collection next to
+the float kernel). Here the storage is explicit and the float kernels are gone:
+
+    QuantizedModel.variables = {
+      "params": the model's params, each registered kernel replaced by its int8
+                qvalue (Flax checks a param's shape, not its dtype),
+      "aqt":    {<module path>: {"scale": float32[C_out]}},
+    }
+
+plus the genome's bits and the static activation bounds selected at its widths
+(`act_bound` float32[L, 2]; None: dynamic absmax), so a `QuantizedModel` is
+self-contained: `save_quantized` / `load_quantized` write it with orbax.
+Activations stay fake-quantized per tensor exactly as in `supernet.py`; biases and
+norms stay float. SERVE equals the fake-quant `quantized_apply` bit for bit: both
+run the same AQT ops on the same int8 qvalue and scale (tests/test_quant_export.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import struct
+
+from tmpq_jax.checkpoint import abstract, save_tree_and_json
+from tmpq_jax.errors import UserError
+from tmpq_jax.quant import numerics
+from tmpq_jax.quant.registry import LayerRegistry, layer_kind
+from tmpq_jax.quant.supernet import (
+    DEFAULT_CANDIDATES,
+    QParams,
+    QuantBits,
+    _is_rerun,
+    _QuantizedOp,
+    _rerun,
+    check_bits,
+    check_qparams,
+)
+
+COLLECTION = "aqt"  # AQT's default quant_collection name
+FORMAT = "tmpq-int8-export"
+VERSION = 1
+META_FILE = "export.json"
+ARRAYS_DIR = "arrays"
+
+
+@struct.dataclass
+class QuantizedModel:
+    """A frozen genome: int8 kernels + scales (`variables`), bits, act bounds."""
+
+    variables: dict  # {"params": ... (int8 kernels), "aqt": {path: {"scale": f32[C]}}}
+    bits: QuantBits  # int32[L] each: the genome's widths
+    act_bound: jax.Array | None = (
+        None  # f32[L, 2] at the genome's widths; None: dynamic
+    )
+
+
+# ----------------------------------------------------------------------------
+# CONVERT.
+
+
+def _get(tree: Any, path: Sequence[str]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set_in(tree: dict, path: Sequence[str], key: str, value) -> None:
+    for p in path:
+        tree = tree.setdefault(p, {})
+    tree[key] = value
+
+
+def _copy(tree: Any) -> Any:
+    """Nested dicts copied (leaves shared), so `convert` never edits its input."""
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {k: _copy(v) for k, v in tree.items()}
+    return tree
+
+
+def _concrete_bits(bits: QuantBits) -> tuple[np.ndarray, np.ndarray]:
+    if any(isinstance(v, jax.core.Tracer) for v in (bits.w_bits, bits.a_bits)):
+        raise UserError(
+            "convert a concrete genome (outside jit/vmap), not traced bits."
+        )
+    return np.asarray(bits.w_bits), np.asarray(bits.a_bits)
+
+
+def _selected_bounds(registry, w, a, qparams: QParams | None) -> jax.Array | None:
+    """f32[L, 2]: each operand's calibrated bound at the genome's width, selected
+    as the supernet selects it (an exact copy of one stored float)."""
+    if qparams is None or qparams.act_bound is None:
+        return None
+    table = np.asarray(qparams.act_bound)
+    out = np.zeros((len(registry), 2), np.float32)
+    for i, layer in enumerate(registry):
+        left = layer.pinned_lhs_bits or int(a[i])
+        out[i, 0] = table[i, 0, qparams.width_index(left)]
+        if layer.kind == "matmul":
+            out[i, 1] = table[i, 1, qparams.width_index(int(w[i]))]
+    return jnp.asarray(out)
+
+
+@jax.jit
+def _convert_kernels(kernels, w_bits, clips):
+    """All kernels at once (one compile per model; the bits are traced, as in the
+    supernet): [(qvalue int8, scale f32[C_out])]."""
+    return [
+        numerics.convert_weight(k, numerics.WeightQuant(b, c))
+        for k, b, c in zip(kernels, w_bits, clips, strict=True)
+    ]
+
+
+def convert(
+    params: Any,
+    registry: LayerRegistry,
+    bits: QuantBits,
+    qparams: QParams | None = None,
+    candidates: Sequence[int] = DEFAULT_CANDIDATES,
+) -> QuantizedModel:
+    """AQT CONVERT of a concrete genome (bits int32[L]): every registered conv/dense
+    kernel of `params` (the model's 'params' collection) becomes int8 + scales."""
+    check_bits(bits, registry, candidates)
+    if qparams is not None:
+        check_qparams(qparams, registry, candidates)
+    w, a = _concrete_bits(bits)
+    convs = [(i, layer) for i, layer in enumerate(registry) if layer.kind != "matmul"]
+    kernels, clips = [], []
+    for i, layer in convs:
+        try:
+            kernels.append(jnp.asarray(_get(params, layer.path)["kernel"]))
+        except (KeyError, TypeError):
+            raise UserError(
+                f"params have no kernel for layer {layer.name!r}; convert the "
+                "'params' collection of the model the registry was built for."
+            ) from None
+        clip = None
+        if qparams is not None and qparams.w_clip is not None:
+            clip = qparams.w_clip[i][qparams.width_index(int(w[i]))]
+        clips.append(clip)
+    w_bits = [jnp.asarray(w[i], jnp.int32) for i, _ in convs]
+    frozen = _convert_kernels(kernels, w_bits, clips)
+    new_params, scales = _copy(params), {}
+    for (i, layer), (qvalue, scale) in zip(convs, frozen, strict=True):
+        bound = 2 ** (int(w[i]) - 1) - 1
+        if qvalue.dtype != jnp.int8 or int(jnp.max(jnp.abs(qvalue))) > bound:
+            raise AssertionError(f"{layer.name}: AQT CONVERT left int8 +-{bound}")
+        _get(new_params, layer.path)["kernel"] = qvalue
+        _set_in(scales, layer.path, "scale", scale)
+    return QuantizedModel(
+        variables={"params": new_params, COLLECTION: scales},
+        bits=QuantBits(jnp.asarray(w, jnp.int32), jnp.asarray(a, jnp.int32)),
+        act_bound=_selected_bounds(registry, w, a, qparams),
+    )
+
+
+# ----------------------------------------------------------------------------
+# SERVE.
+
+
+def _act_specs(i: int, registry, qmodel: QuantizedModel):
+    layer = registry[i]
+    lb = rb = None
+    if qmodel.act_bound is not None:
+        lb, rb = qmodel.act_bound[i, 0], qmodel.act_bound[i, 1]
+    left = numerics.ActQuant(layer.pinned_lhs_bits or qmodel.bits.a_bits[i], lb)
+    if layer.kind == "matmul":
+        return left, numerics.ActQuant(qmodel.bits.w_bits[i], rb)
+    return left, None
+
+
+def _frozen_kernel(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array]:
+    qvalue = module.get_variable("params", "kernel")
+    scale = module.get_variable(COLLECTION, "scale")
+    if qvalue is None or scale is None or qvalue.dtype != jnp.int8:
+        raise UserError(
+            f"layer {name!r} has no frozen int8 kernel and scale; serve the "
+            "variables of a QuantizedModel made by convert()."
+        )
+    return qvalue, scale
+
+
+def make_serve_interceptor(qmodel: QuantizedModel, registry: LayerRegistry):
+    """A Flax method interceptor running every registered conv/dense from its frozen
+    int8 kernel (AQT SERVE) and every MatMul as the supernet does."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        kind = layer_kind(module)
+        if kind is None or context.method_name != "__call__" or _is_rerun(module):
+            return next_fun(*args, **kwargs)
+        i = registry.index_of_path(module.path)
+        left, right = _act_specs(i, registry, qmodel)
+        if kind == "matmul":
+            return _rerun(module, kind, left, right, args, kwargs)
+        qvalue, scale = _frozen_kernel(module, registry[i].name)
+        if kind == "conv":
+            op = _QuantizedOp(numerics.served_conv_general_dilated(left, qvalue, scale))
+            updates = dict(conv_general_dilated=op, conv_general_dilated_cls=None)
+        else:
+            op = _QuantizedOp(numerics.served_dot_general(left, qvalue, scale))
+            updates = dict(dot_general=op, dot_general_cls=None)
+        return module.clone(parent=module.scope, **updates)(*args, **kwargs)
+
+    return interceptor
+
+
+def serve_apply(
+    model: nn.Module,
+    qmodel: QuantizedModel,
+    *args,
+    registry: LayerRegistry,
+    **apply_kwargs,
+):
+    """`model.apply` from the frozen int8 weights of `qmodel` (jittable; `qmodel` is
+    a pytree). Equals `quantized_apply` with the genome and QParams it came from."""
+    with nn.intercept_methods(make_serve_interceptor(qmodel, registry)):
+        return model.apply(qmodel.variables, *args, **apply_kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Saving and loading (orbax arrays + export.json).
+
+
+def _tree(qmodel: QuantizedModel) -> dict:
+    bits = {"w_bits": qmodel.bits.w_bits, "a_bits": qmodel.bits.a_bits}
+    t = {"variables": qmodel.variables, "bits": bits}
+    if qmodel.act_bound is not None:
+        t["act_bound"] = qmodel.act_bound
+    return t
+
+
+def save_quantized(
+    path: str | os.PathLike,
+    qmodel: QuantizedModel,
+    registry: LayerRegistry,
+    genome: dict | None = None,
+) -> Path:
+    """Writes `qmodel` to `path` atomically; `genome` (a genome_file dict) is kept
+    in export.json for provenance."""
+    meta = dict(
+        format=FORMAT,
+        version=VERSION,
+        layer_names=list(registry.names),
+        dynamic_activations=qmodel.act_bound is None,
+        genome=genome,
+    )
+    return save_tree_and_json(path, ARRAYS_DIR, _tree(qmodel), META_FILE, meta)
+
+
+def load_quantized(
+    path: str | os.PathLike, registry: LayerRegistry, params_like: Any
+) -> tuple[QuantizedModel, dict]:
+    """(QuantizedModel, meta) from `save_quantized`'s directory; `params_like`: the
+    float model's params or their shapes (`jax.eval_shape` of init)."""
+    file = Path(path) / META_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(
+            f"no readable int8 export at {path} (no {META_FILE})."
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{file}: not a tmpq int8 export; export it again.")
+    if meta.get("layer_names") != list(registry.names):
+        raise UserError(f"{path}: exported from another model's layers; re-export.")
+    n = len(registry)
+    like_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _copy(params_like)
+    )
+    scales: dict = {}
+    for layer in registry:
+        if layer.kernel_shape:
+            node = _get(like_params, layer.path)
+            node["kernel"] = jax.ShapeDtypeStruct(layer.kernel_shape, jnp.int8)
+            _set_in(
+                scales,
+                layer.path,
+                "scale",
+                jax.ShapeDtypeStruct((layer.kernel_shape[-1],), jnp.float32),
+            )
+    bits = jax.ShapeDtypeStruct((n,), jnp.int32)
+    like = {
+        "variables": {"params": like_params, COLLECTION: scales},
+        "bits": {"w_bits": bits, "a_bits": bits},
+    }
+    if not meta.get("dynamic_activations"):
+        like["act_bound"] = jax.ShapeDtypeStruct((n, 2), jnp.float32)
+    try:
+        tree = ocp.StandardCheckpointer().restore(
+            (Path(path) / ARRAYS_DIR).resolve(), abstract(like)
+        )
+    except Exception as e:  # orbax raises many types for missing/corrupt data
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        raise UserError(
+            f"{path}: cannot restore the int8 export ({type(e).__name__}: {msg})."
+        ) from None
+    qmodel = QuantizedModel(
+        variables=tree["variables"],
+        bits=QuantBits(**tree["bits"]),
+        act_bound=tree.get("act_bound"),
+    )
+    return qmodel, meta

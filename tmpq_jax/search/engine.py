@@ -1,0 +1,134 @@
+"""One compiled program per generation: ask -> repair -> evaluate -> tell -> archive.
+
+`SearchState` is a single pytree (generation count, the strategy's state, the
+archive of every evaluated genome), so a checkpoint is one orbax save and a resume
+restores exactly what an uninterrupted run would hold. Keys come from
+`fold_in(key(seed), generation)`, never from the host: a resumed search draws the
+same genomes. Generation 0 (the seeded first population) is its own program;
+every later generation runs the same compiled `next_generation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from tmpq_jax.search import budget as budget_lib
+from tmpq_jax.search.config import SearchConfig
+from tmpq_jax.search.fitness import Assets, Problem
+from tmpq_jax.search.strategies import Strategy
+
+
+@struct.dataclass
+class Archive:
+    """Every evaluated genome; row g = generation g (padded to the population)."""
+
+    genomes: jax.Array  # int32[G, P, D] (after repair: what was scored)
+    fid: jax.Array  # float32[G, P]
+    fitness: jax.Array  # float32[G, P] (fid + budget penalty)
+    bitops: jax.Array  # float32[G, P] total over the schedule
+    count: jax.Array  # int32[G]: valid entries of each row
+
+    @classmethod
+    def empty(cls, generations: int, population: int, num_genes: int) -> Archive:
+        g, p = generations, population
+        return cls(
+            genomes=jnp.zeros((g, p, num_genes), jnp.int32),
+            fid=jnp.full((g, p), jnp.inf, jnp.float32),
+            fitness=jnp.full((g, p), jnp.inf, jnp.float32),
+            bitops=jnp.zeros((g, p), jnp.float32),
+            count=jnp.zeros((g,), jnp.int32),
+        )
+
+    def put(self, row, genomes, fid, fitness, bitops) -> Archive:
+        """Row `row` (may be traced) := these; fewer than P entries leave padding."""
+        return Archive(
+            genomes=_put_prefix(self.genomes, row, genomes),
+            fid=_put_prefix(self.fid, row, fid),
+            fitness=_put_prefix(self.fitness, row, fitness),
+            bitops=_put_prefix(self.bitops, row, bitops),
+            count=self.count.at[row].set(genomes.shape[0]),
+        )
+
+
+def _put_prefix(table, row, values):
+    """table[row, :len(values)] = values."""
+    current = jax.lax.dynamic_index_in_dim(table, row, keepdims=False)
+    new_row = current.at[: values.shape[0]].set(values.astype(table.dtype))
+    return jax.lax.dynamic_update_index_in_dim(table, new_row, row, axis=0)
+
+
+def _strong(tree):
+    """Strips weak types (evosax starts from Python scalars): a state restored from
+    a checkpoint then has exactly the types of a live one, so resuming never
+    recompiles the generation program."""
+    return jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), tree)
+
+
+@struct.dataclass
+class SearchState:
+    generation: jax.Array  # int32: generations done
+    strategy: Any
+    archive: Archive
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Engine:
+    cfg: SearchConfig
+    problem: Problem
+    strategy: Strategy
+    budget: float  # total BitOPs over the schedule
+
+    def _key(self, generation, stream: int):
+        base = jax.random.fold_in(jax.random.key(self.cfg.seed), generation)
+        return jax.random.fold_in(base, stream)
+
+    def evaluate(self, assets: Assets, genomes: jax.Array):
+        """(genomes as scored, fid, fitness, total BitOPs)."""
+        space, reg = self.problem.space, self.problem.registry
+        if self.cfg.constraint == "repair":
+            genomes = jax.vmap(lambda g: budget_lib.repair(space, reg, g, self.budget))(
+                genomes
+            )
+        bitops = jax.vmap(lambda g: budget_lib.genome_cost(space, reg, g)[0])(genomes)
+        fid = self.problem.population_fid(assets, genomes)
+        fitness = budget_lib.penalized(
+            fid, bitops, self.budget, self.cfg.penalty_weight
+        )
+        return genomes, fid, fitness, bitops
+
+    def first_generation(self, assets: Assets) -> SearchState:
+        raw, genomes = self.strategy.first(self._key(0, 0))
+        genomes, fid, fitness, bitops = self.evaluate(assets, genomes)
+        if self.strategy.learns_repair:
+            raw = genomes
+        state = self.strategy.start(self._key(0, 1), raw, fitness)
+        archive = Archive.empty(
+            self.cfg.generations, self.cfg.population, genomes.shape[1]
+        )
+        archive = archive.put(0, genomes, fid, fitness, bitops)
+        return _strong(SearchState(jnp.int32(1), state, archive))
+
+    def next_generation(self, assets: Assets, s: SearchState) -> SearchState:
+        gen = s.generation
+        raw, genomes, state = self.strategy.ask(self._key(gen, 0), s.strategy)
+        genomes, fid, fitness, bitops = self.evaluate(assets, genomes)
+        if self.strategy.learns_repair:
+            raw = genomes
+        state = self.strategy.tell(self._key(gen, 1), raw, fitness, state)
+        archive = s.archive.put(gen, genomes, fid, fitness, bitops)
+        return _strong(SearchState(gen + 1, state, archive))
+
+    @functools.cached_property
+    def programs(self):
+        """(first, next) jitted once per engine; `next` donates the state it advances
+        (tests read `next._cache_size()` to assert a single compile)."""
+        return (
+            jax.jit(self.first_generation),
+            jax.jit(self.next_generation, donate_argnums=1),
+        )

@@ -1,0 +1,100 @@
+"""Fitness on device: a candidate's samples from one fixed noise batch, scored by FID.
+
+For each genome: decode -> DDIM (`lax.scan` over its traced timesteps) with every
+layer quantized at its traced bits (`quantized_apply`, calibrated ranges selected,
+never recomputed) -> the FMNIST classifier's features -> FID against the test
+statistics (`fid_from_features`, jittable). A population is mapped in chunks of
+`candidate_chunk` vmapped genomes (`lax.map(batch_size=...)`), so memory stays
+bounded, and samples can be drawn `sample_chunk` at a time. NaN/inf samples give
+`WORST_FID`, never a crash. Big arrays travel as arguments (`Assets`), not constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from tmpq_jax.diffusion.samplers import ddim_sample
+from tmpq_jax.diffusion.schedules import NoiseSchedule
+from tmpq_jax.metrics import FeatureNet, fid_from_features
+from tmpq_jax.quant.registry import LayerRegistry
+from tmpq_jax.quant.supernet import QParams, quantized_apply
+from tmpq_jax.search.space import GenomeSpace
+
+WORST_FID = 1e4  # the fitness of a candidate whose samples are not finite
+
+
+@struct.dataclass
+class Assets:
+    """Everything a fitness evaluation reads, as one pytree of device arrays."""
+
+    params: Any  # the UNet's params
+    qparams: QParams
+    sched: NoiseSchedule
+    net: FeatureNet
+    mu_ref: jax.Array
+    sigma_ref: jax.Array
+    sqrt_sigma_ref: jax.Array
+    noise: jax.Array  # the fixed noise batch x_T: [S, H, W, C]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """The static half: the model's code, its layers, the genome box."""
+
+    model: nn.Module
+    registry: LayerRegistry
+    space: GenomeSpace
+    candidates: tuple[int, ...]
+    candidate_chunk: int = 1
+    sample_chunk: int = 0
+
+    def sample(self, assets: Assets, genome: jax.Array, x_T: jax.Array) -> jax.Array:
+        """Images of one genome from x_T (unclipped x_0)."""
+        d = self.space.decode(genome)
+
+        def eps_fn(x, t):
+            return quantized_apply(
+                self.model,
+                {"params": assets.params},
+                x,
+                t,
+                bits=d.bits,
+                registry=self.registry,
+                qparams=assets.qparams,
+                candidates=self.candidates,
+            )
+
+        def run(x):  # eta = 0: the key is unused
+            return ddim_sample(jax.random.key(0), eps_fn, x, d.timesteps, assets.sched)
+
+        n = x_T.shape[0]
+        if not self.sample_chunk or self.sample_chunk >= n:
+            return run(x_T)
+        chunks = x_T.reshape(n // self.sample_chunk, self.sample_chunk, *x_T.shape[1:])
+        return jax.lax.map(run, chunks).reshape(x_T.shape)
+
+    def fid(self, assets: Assets, genome: jax.Array) -> jax.Array:
+        x0 = self.sample(assets, genome, assets.noise)
+        finite = jnp.all(jnp.isfinite(x0))
+        images = jnp.clip(jnp.where(finite, x0, 0.0), -1.0, 1.0)
+        f = fid_from_features(
+            assets.net.features(images),
+            assets.mu_ref,
+            assets.sigma_ref,
+            assets.sqrt_sigma_ref,
+        )
+        return jnp.where(finite & jnp.isfinite(f), f, WORST_FID)
+
+    def population_fid(self, assets: Assets, genomes: jax.Array) -> jax.Array:
+        """float32[P] for int32[P, D], `candidate_chunk` genomes vmapped at a time."""
+        return jax.lax.map(
+            lambda g: self.fid(assets, g),
+            genomes,
+            batch_size=min(self.candidate_chunk, genomes.shape[0]),
+        )

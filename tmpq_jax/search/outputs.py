@@ -1,0 +1,224 @@
+"""What a finished search leaves in its workdir.
+
+* `archive.npz`: every evaluated genome with its FID, fitness, BitOPs, weight bits,
+  generation and decoded timesteps; `pareto.json`: the non-dominated (BitOPs, FID)
+  genomes among them.
+* `topk.json`: the best `rescore_top_k` distinct feasible genomes re-scored on
+  `rescore_samples` fresh samples (TMPQ-DM re-scores its top 10);
+  `result.json`: the best of them by the re-scored FID, as a `tmpq-genome/1` file
+  (`tmpq sample --genome result.json` samples from it).
+* plots: FID vs BitOPs with the front, the per-layer bit allocation, the chosen
+  timesteps against quad, and a sample grid of the best genome.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from tmpq_jax import files
+from tmpq_jax.checkpoint import REPO_ROOT
+from tmpq_jax.evaluation import FID_NAME, Evaluator
+from tmpq_jax.genome_file import genome_to_dict, write_genome
+from tmpq_jax.images import save_grid
+from tmpq_jax.provenance import provenance
+from tmpq_jax.quant import cost
+from tmpq_jax.quant.calibration import model_fingerprint
+from tmpq_jax.sampling import to_uint8
+from tmpq_jax.search import plots
+from tmpq_jax.search.engine import SearchState
+from tmpq_jax.search.setup import NOISE_STREAM, Setup
+
+RESCORE_STREAM = 1  # folded into the noise key: rescoring never reuses fitness noise
+
+
+def archive_table(setup: Setup, state: SearchState) -> dict[str, np.ndarray]:
+    """The archive as flat host arrays, one entry per evaluated genome."""
+    a = jax.device_get(state.archive)
+    count = np.asarray(a.count)
+    rows = [(g, i) for g in range(len(count)) for i in range(int(count[g]))]
+    gi = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    genomes = np.asarray(a.genomes)[gi]
+    decode = jax.jit(jax.vmap(setup.space.decode))
+    d = decode(genomes)
+    return {
+        "genomes": genomes,
+        "generation": gi[0].astype(np.int32),
+        "fid": np.asarray(a.fid)[gi],
+        "fitness": np.asarray(a.fitness)[gi],
+        "bitops": np.asarray(a.bitops)[gi],
+        "size_bits": np.asarray(cost.model_size_bits(d.bits, setup.registry)),
+        "timesteps": np.asarray(d.timesteps),
+        "num_steps": np.asarray(d.num_steps),
+        "w_bits": np.asarray(d.bits.w_bits),
+        "a_bits": np.asarray(d.bits.a_bits),
+    }
+
+
+def feasible_mask(t: dict, budget: float) -> np.ndarray:
+    return np.asarray(cost.within_budget(t["bitops"], budget)) & (t["fid"] < 1e4)
+
+
+def pareto_front(bitops: np.ndarray, fid: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated points (minimizing both), by rising BitOPs."""
+    order = np.lexsort((fid, bitops))
+    front, best = [], np.inf
+    for i in order:
+        if fid[i] < best:
+            front.append(i)
+            best = fid[i]
+    return np.array(front, dtype=int)
+
+
+def top_k_distinct(t: dict, mask: np.ndarray, k: int) -> list[int]:
+    """The k best feasible entries by FID, one per distinct genome."""
+    seen, out = set(), []
+    for i in np.argsort(np.where(mask, t["fid"], np.inf)):
+        if not mask[i] or len(out) == k:
+            break
+        key = t["genomes"][i].tobytes()
+        if key not in seen:
+            seen.add(key)
+            out.append(int(i))
+    return out
+
+
+def rescore(setup: Setup, ev: Evaluator, genome: np.ndarray, progress: bool):
+    """(scores, images) of `rescore_samples` fresh samples of one genome."""
+    cfg = setup.run.search
+    c = setup.lm.config
+    sample = _sampler(setup)
+    key = jax.random.fold_in(jax.random.key(NOISE_STREAM), RESCORE_STREAM)
+    n, bs = cfg.rescore_samples, min(cfg.rescore_batch, cfg.rescore_samples)
+    out = []
+    for b in tqdm(
+        range(-(-n // bs)), disable=not progress, desc="rescore", leave=False
+    ):
+        x = jax.random.normal(
+            jax.random.fold_in(key, b), (bs, c.image_size, c.image_size, c.channels)
+        )
+        out.append(np.asarray(sample(setup.assets, genome, x)))
+    images = np.clip(np.concatenate(out)[:n], -1.0, 1.0)
+    finite = np.isfinite(images).all()
+    if not finite:
+        return {"fid": float("inf"), "finite": False}, images
+    return ev.score(images), images
+
+
+_SAMPLERS: dict[int, object] = {}
+
+
+def _sampler(setup: Setup):
+    key = id(setup)
+    if key not in _SAMPLERS:
+        _SAMPLERS.clear()
+        _SAMPLERS[key] = jax.jit(setup.engine.problem.sample)
+    return _SAMPLERS[key]
+
+
+def _portable(path: Path | None) -> str | None:
+    """A path inside the repository is written relative to it (files move)."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _command() -> str:
+    argv0 = Path(sys.argv[0]).name
+    head = "tmpq" if argv0 == "tmpq" else f"python {sys.argv[0]}"
+    return " ".join([head, *sys.argv[1:]])
+
+
+def _genome_entry(setup: Setup, t: dict, i: int, **extra) -> dict:
+    from tmpq_jax.quant.supernet import QuantBits
+
+    n = int(t["num_steps"][i])
+    ts = np.unique(t["timesteps"][i])[:n]
+    bits = QuantBits(t["w_bits"][i], t["a_bits"][i])
+    return genome_to_dict(
+        ts,
+        bits,
+        setup.registry,
+        setup.run.search.candidates,
+        calibration=_portable(setup.calibration_path),
+        model_fingerprint=model_fingerprint(setup.lm.card),
+        num_timesteps=setup.lm.diffusion.num_timesteps,
+        **extra,
+    )
+
+
+def write_outputs(
+    setup: Setup, state: SearchState, workdir: Path, progress: bool = True
+) -> dict:
+    cfg = setup.run.search
+    t = archive_table(setup, state)
+    mask = feasible_mask(t, setup.budget)
+    if not mask.any():
+        raise RuntimeError("no feasible genome was evaluated")  # budget check forbids
+    files.atomic_write(workdir / "archive.npz", lambda p: np.savez(p, **t))
+    front = pareto_front(t["bitops"][mask], t["fid"][mask])
+    feas_idx = np.flatnonzero(mask)
+    files.write_json(
+        workdir / "pareto.json",
+        {
+            "metric": FID_NAME,
+            "num_samples": cfg.num_samples,
+            "points": [
+                {
+                    "fid": float(t["fid"][i]),
+                    "total_bitops": float(t["bitops"][i]),
+                    "size_bits": float(t["size_bits"][i]),
+                    "timesteps": np.unique(t["timesteps"][i]).tolist(),
+                    "generation": int(t["generation"][i]),
+                }
+                for i in feas_idx[front]
+            ],
+        },
+    )
+    ev = Evaluator.from_parts(setup.assets.net, setup.stats)
+    ranked, grids = [], {}
+    for rank, i in enumerate(top_k_distinct(t, mask, cfg.rescore_top_k)):
+        scores, images = rescore(setup, ev, t["genomes"][i], progress)
+        ranked.append((scores["fid"], rank, i, scores))
+        grids[i] = images[:100]
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    best_images = grids[ranked[0][2]]
+    top = [
+        _genome_entry(
+            setup,
+            t,
+            i,
+            fid_search=float(t["fid"][i]),
+            search_samples=cfg.num_samples,
+            rescored=scores,
+            generation=int(t["generation"][i]),
+        )
+        for _, _, i, scores in ranked
+    ]
+    files.write_json(workdir / "topk.json", {"metric": FID_NAME, "genomes": top})
+    seed = 0  # generation 0 starts with the seed genome (quad + uniform bits)
+    result = dict(top[0])
+    result.update(
+        metric=FID_NAME,
+        method=cfg.strategy,
+        space=cfg.space,
+        budget_bitops=setup.budget,
+        evaluations=int(len(t["fid"])),
+        seed_genome={
+            "fid_search": float(t["fid"][seed]),
+            "total_bitops": float(t["bitops"][seed]),
+        },
+        search=cfg.to_dict(),
+        **provenance(_command()),
+    )
+    write_genome(workdir / "result.json", result)
+    save_grid(to_uint8(best_images[:100]), workdir / "best_samples.png", nrow=10)
+    plots.write_all(setup, t, mask, front, top[0], workdir)
+    return result

@@ -1,0 +1,105 @@
+"""The search's pictures (matplotlib, Agg; each written atomically as PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tmpq_jax import files  # noqa: E402
+from tmpq_jax.diffusion.schedules import quad_group_bounds, quad_timesteps  # noqa: E402
+from tmpq_jax.evaluation import FID_NAME  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    files.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+
+
+def fid_vs_bitops(t, mask, front, budget, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    g = t["generation"]
+    sc = ax.scatter(
+        t["bitops"][mask], t["fid"][mask], c=g[mask], s=12, cmap="viridis", alpha=0.8
+    )
+    if (~mask).any():
+        ax.scatter(
+            t["bitops"][~mask],
+            np.minimum(t["fid"][~mask], t["fid"][mask].max()),
+            marker="x",
+            s=10,
+            c="0.6",
+            label="over budget",
+        )
+    f = np.flatnonzero(mask)[front]
+    ax.step(
+        t["bitops"][f], t["fid"][f], where="post", c="C3", lw=1.5, label="Pareto front"
+    )
+    ax.scatter(
+        t["bitops"][0],
+        t["fid"][0],
+        marker="*",
+        s=120,
+        c="k",
+        label="seed (quad, uniform)",
+    )
+    ax.axvline(budget, ls="--", c="0.3", lw=1, label="budget")
+    ax.set_xlabel("total BitOPs per image (all steps)")
+    ax.set_ylabel(FID_NAME)
+    ax.set_yscale("log")
+    fig.colorbar(sc, ax=ax, label="generation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def bit_allocation(registry, best: dict, path: Path) -> None:
+    names = list(registry.names)
+    w = [best["layers"][n]["w_bits"] for n in names]
+    a = [best["layers"][n]["a_bits"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.16 * len(names)), 3.6))
+    ax.bar(x - 0.2, w, width=0.4, label="weight / right operand bits")
+    ax.bar(x + 0.2, a, width=0.4, label="activation / left operand bits")
+    ax.set_xticks(x, names, rotation=90, fontsize=5)
+    ax.set_ylabel("bits")
+    ax.set_ylim(0, 9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def timesteps(best: dict, num_steps: int, num_timesteps: int, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 2.2))
+    edges = quad_group_bounds(num_steps, num_timesteps)
+    for e in edges:
+        ax.axvline(e, c="0.85", lw=0.8)
+    ax.scatter(
+        quad_timesteps(num_steps, num_timesteps),
+        np.full(num_steps, 1),
+        marker="|",
+        s=200,
+        label="quad",
+    )
+    ts = best["timesteps"]
+    ax.scatter(ts, np.zeros(len(ts)), marker="|", s=200, c="C3", label="searched")
+    ax.set_yticks([0, 1], ["searched", "quad"])
+    ax.set_ylim(-0.8, 1.8)
+    ax.set_xlabel("timestep (grey: quad groups)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_all(setup, t, mask, front, best: dict, workdir: Path) -> None:
+    fid_vs_bitops(t, mask, front, setup.budget, workdir / "fid_vs_bitops.png")
+    bit_allocation(setup.registry, best, workdir / "bit_allocation.png")
+    timesteps(
+        best,
+        setup.run.search.num_steps,
+        setup.lm.diffusion.num_timesteps,
+        workdir / "timesteps.png",
+    )

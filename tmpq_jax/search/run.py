@@ -1,0 +1,169 @@
+"""The host loop: compile once, run generations, checkpoint each one, resume.
+
+The host only logs, draws the progress bar and saves: each generation is one call
+of the compiled program (no per-candidate round trip). Orbax checkpoints the whole
+`SearchState` after every generation; rerunning the same command resumes from the
+latest one and ends with exactly the result of an uninterrupted run. A workdir
+holding another search is refused, naming the keys that differ.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from tmpq_jax.checkpoint import TrainCheckpoints
+from tmpq_jax.errors import UserError
+from tmpq_jax.quant.calibration import model_fingerprint
+from tmpq_jax.search.config import SearchConfig, SearchRunConfig
+from tmpq_jax.search.engine import SearchState
+from tmpq_jax.search.setup import Setup, prepare
+
+LOG_FILE = "search_log.jsonl"
+
+
+def signature(setup: Setup) -> dict:
+    """What a checkpoint must agree on to be resumed."""
+    search = {
+        k: v
+        for k, v in setup.run.search.to_dict().items()
+        if k not in SearchConfig.RESUME_FREE
+    }
+    return {
+        "search": search,
+        "model_fingerprint": model_fingerprint(setup.lm.card),
+        "calibration": str(setup.calibration_path),
+        "feature_net": setup.assets.net.fingerprint(),
+    }
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {vb!r} -> {va!r}")
+    return out
+
+
+def _generation_log(state: SearchState, gen: int, wall: float, evals: int) -> dict:
+    a = state.archive
+    n = int(a.count[gen])
+    fid = np.asarray(a.fid[gen, :n])
+    fit = np.asarray(a.fitness[gen, :n])
+    feasible = fit <= fid * (1 + 1e-6)  # no penalty added
+    best_all = np.asarray(a.fitness[: gen + 1]).min()
+    return {
+        "generation": gen,
+        "evaluated": n,
+        "evaluations_total": evals,
+        "best_fitness_so_far": float(best_all),
+        "best_fid_in_generation": float(fid[feasible].min())
+        if feasible.any()
+        else None,
+        "mean_fid_in_generation": float(fid.mean()),
+        "feasible": int(feasible.sum()),
+        "wall_s": round(wall, 3),
+    }
+
+
+class _Log:
+    """search_log.jsonl, truncated to the restored generation on resume."""
+
+    def __init__(self, path: Path, keep_below: int):
+        self.path = path
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [ln for ln in lines if ln and json.loads(ln)["generation"] < keep_below]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def append(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_generations(
+    setup: Setup,
+    workdir: str | Path,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> SearchState:
+    """Runs (or resumes) the search to `generations`; returns the final state.
+    `stop_after`: return after that many generations done (tests, chunked runs)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = setup.run.search
+    first, nxt = setup.engine.programs
+    ckpts = TrainCheckpoints(workdir / "checkpoints")
+    sig = signature(setup)
+    latest = ckpts.latest_step()
+    try:
+        if latest is None:
+            state = None
+        else:
+            saved = ckpts.restore_meta(latest)
+            diff = _diff(sig, saved.get("signature", {}))
+            if diff:
+                raise UserError(
+                    f"{workdir} holds another search ({'; '.join(diff[:3])}); "
+                    "use another --workdir or delete its checkpoints."
+                )
+            like = jax.eval_shape(first, setup.assets)
+            state, _ = ckpts.restore(latest, like)
+        log = _Log(workdir / LOG_FILE, keep_below=latest or 0)
+        done = 0 if state is None else int(state.generation)
+        end = (
+            cfg.generations if stop_after is None else min(stop_after, cfg.generations)
+        )
+        evals = 0 if done == 0 else cfg.population + (done - 1) * cfg.offspring
+        bar = tqdm(
+            total=cfg.generations,
+            initial=done,
+            disable=not progress,
+            desc="search",
+            unit="gen",
+        )
+        while done < end:
+            t0 = time.perf_counter()
+            if state is None:
+                # Committed, as a restored state is: the same compiled `next` serves
+                # a fresh run and a resumed one.
+                state = jax.device_put(first(setup.assets), jax.devices()[0])
+            else:
+                state = nxt(setup.assets, state)
+            jax.block_until_ready(state)
+            gen = done
+            done = int(state.generation)
+            evals += cfg.population if gen == 0 else cfg.offspring
+            ckpts.save(done, state, {"signature": sig, "generation": done})
+            row = _generation_log(state, gen, time.perf_counter() - t0, evals)
+            log.append(row)
+            bar.set_postfix(best=f"{row['best_fitness_so_far']:.3f}")
+            bar.update(1)
+        bar.close()
+    finally:
+        ckpts.close()
+    return state
+
+
+def search(
+    run: SearchRunConfig,
+    workdir: str | Path,
+    progress: bool = True,
+    outputs: bool = True,
+) -> dict:
+    """The whole job: prepare, run (or resume) the generations, write the outputs."""
+    from tmpq_jax.search.outputs import write_outputs
+
+    workdir = Path(workdir)
+    setup = prepare(run, workdir, progress)
+    state = run_generations(setup, workdir, progress)
+    if not outputs:
+        return {}
+    return write_outputs(setup, state, workdir, progress)
