@@ -17,6 +17,7 @@ vs reconstruction; and FID (FMNIST classifier features, DDIM 10 uniform steps) a
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -41,9 +42,13 @@ from tmpq_jax.sampling import load_model
 def get_reconstruction(lm, reg, qp, meta, args):
     """(QParams, meta) at args.recon: loaded if there, else computed and saved."""
     cands = meta["candidates"]
+    fits_file = Path(args.recon) / "fits.json"  # per-fit objectives, for the record
     if (Path(args.recon) / "calibration.json").is_file():
         print(f"reusing {args.recon}")
-        return load_calibration(args.recon, reg, cands, meta["model_fingerprint"])
+        q, m = load_calibration(args.recon, reg, cands, meta["model_fingerprint"])
+        if fits_file.is_file():
+            m |= json.loads(fits_file.read_text())
+        return q, m
     s = meta["settings"]
     key = jax.random.key(s["seed"])
     xs, ts = qc.calibration_set(
@@ -71,8 +76,9 @@ def get_reconstruction(lm, reg, qp, meta, args):
     save_calibration(args.recon, new, reg, cands, settings, meta["model_fingerprint"])
     print(f"reconstruction: {kept}/{len(info['fits'])} fits improved, "
           f"{info['seconds']:.0f} s; wrote {args.recon}")  # fmt: skip
-    meta = read_calibration_meta(args.recon)
-    return new, meta | {"fits": info["fits"], "seconds": info["seconds"]}
+    extra = {"fits": info["fits"], "seconds": info["seconds"]}
+    fits_file.write_text(json.dumps(extra, indent=1))
+    return new, read_calibration_meta(args.recon) | extra
 
 
 def main() -> None:
