@@ -30,8 +30,7 @@ from tmpq_jax.evaluation import FID_NAME, Evaluator
 from tmpq_jax.metrics import fid
 from tmpq_jax.quant import cost
 from tmpq_jax.search import SearchRunConfig, prepare, search
-from tmpq_jax.search.outputs import RESCORE_STREAM, rescore
-from tmpq_jax.search.setup import NOISE_STREAM
+from tmpq_jax.search.outputs import rescore, rescore_images
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search.py")
 BUDGETS = {
@@ -60,31 +59,17 @@ def _run_config(budget: str, method: str, seed: int, overrides) -> SearchRunConf
     return SearchRunConfig.from_configdict(cd)
 
 
-def _fp_images(setup, x_T):
-    lm = setup.lm
+def _fp_row(setup, ev: Evaluator) -> dict:
+    """Full precision, the quad schedule: on the search's noise and on fresh noise."""
+    lm, cfg = setup.lm, setup.run.search
     ts = setup.space.decode(setup.space.seed).timesteps
     fn = jax.jit(
         lambda p, x: ddim_sample(jax.random.key(0), lm.eps_fn(p), x, ts, lm.sched)
     )
-    return np.clip(np.asarray(fn(lm.params, x_T)), -1, 1), fn
-
-
-def _fp_row(setup, ev: Evaluator) -> dict:
-    """Full precision, the quad schedule: on the search's noise and on fresh noise."""
-    cfg, c = setup.run.search, setup.lm.config
-    images, fn = _fp_images(setup, setup.assets.noise)
-    fid_2k = fid(
-        ev.net.extract(images).features, ev.stats["mu_test"], ev.stats["sigma_test"]
-    )
-    key = jax.random.fold_in(jax.random.key(NOISE_STREAM), RESCORE_STREAM)
-    bs = min(cfg.rescore_batch, cfg.rescore_samples)
-    out = []
-    for b in range(-(-cfg.rescore_samples // bs)):
-        x = jax.random.normal(
-            jax.random.fold_in(key, b), (bs, c.image_size, c.image_size, c.channels)
-        )
-        out.append(np.asarray(fn(setup.lm.params, x)))
-    scores = ev.score(np.clip(np.concatenate(out)[: cfg.rescore_samples], -1, 1))
+    images = np.clip(np.asarray(fn(lm.params, setup.assets.noise)), -1, 1)
+    mu, sigma = ev.stats["mu_test"], ev.stats["sigma_test"]
+    fid_2k = fid(ev.net.extract(images).features, mu, sigma)
+    scores = ev.score(rescore_images(setup, lambda x: fn(lm.params, x)))
     macs = float(np.sum(setup.registry.macs))
     return {
         "fid_2k": float(fid_2k),
@@ -113,10 +98,12 @@ def _uniform_row(setup, ev: Evaluator) -> dict:
 def run_row(method, budget, seed, root: Path, overrides) -> dict:
     run = _run_config(budget, method, seed, overrides)
     t0 = time.perf_counter()
+    budget_total = None
     if method in ("fp", "uniform"):
         setup = prepare(run, root / budget / "baselines", progress=False)
         ev = Evaluator.from_parts(setup.assets.net, setup.stats)
         r = _fp_row(setup, ev) if method == "fp" else _uniform_row(setup, ev)
+        budget_total = setup.budget
         r.update(timesteps=[int(t) for t in setup.space.seed[: setup.space.num_steps]])
         r.update(evaluations=1)
     else:
@@ -133,24 +120,15 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
             "layers": res["layers"],
             "workdir": str(wd),
         }
+        budget_total = res["budget_bitops"]
     r.update(
         method=method,
         budget=budget,
-        budget_bitops=_budget_bitops(run),
+        budget_bitops=budget_total,
         seed=seed,
         wall_s=round(time.perf_counter() - t0, 2),
     )
     return r
-
-
-def _budget_bitops(run: SearchRunConfig) -> float:
-    from tmpq_jax.quant import unet_registry
-    from tmpq_jax.sampling import load_model
-    from tmpq_jax.search.budget import budget_bitops
-
-    s = run.search
-    reg = unet_registry(load_model(run.model).config)
-    return budget_bitops(reg, s.budget_w_bits, s.budget_a_bits, s.budget_steps)
 
 
 def merge(paths: list[str], out_dir: str | None) -> Path:

@@ -85,20 +85,26 @@ def read_card(path: str | os.PathLike) -> dict:
         ) from None
 
 
-def load_params(path: str | os.PathLike, like: Any) -> Any:
-    """Restores params shaped like `like` (a pytree or its abstract version)."""
-    path = Path(path)
+def restore_tree(directory: str | os.PathLike, like: Any, what: str, advice: str):
+    """Restores an orbax tree shaped like `like`; any failure becomes one line:
+    `{what} ({error}); {advice}` (orbax raises many types for missing/corrupt data)."""
     try:
         return ocp.StandardCheckpointer().restore(
-            (path / "params").resolve(), abstract(like)
+            Path(directory).resolve(), abstract(like)
         )
-    except (
-        Exception
-    ) as e:  # orbax raises many types for missing/corrupt/mismatched data
-        raise UserError(
-            f"{path}: cannot restore params ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-            "the checkpoint is corrupt or from another model config."
-        ) from None
+    except Exception as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        raise UserError(f"{what} ({type(e).__name__}: {msg}); {advice}") from None
+
+
+def load_params(path: str | os.PathLike, like: Any) -> Any:
+    """Restores params shaped like `like` (a pytree or its abstract version)."""
+    return restore_tree(
+        Path(path) / "params",
+        like,
+        f"{path}: cannot restore params",
+        "the checkpoint is corrupt or from another model config.",
+    )
 
 
 class TrainCheckpoints:

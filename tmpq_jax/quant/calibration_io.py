@@ -15,9 +15,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
-from tmpq_jax.checkpoint import abstract, save_tree_and_json
+from tmpq_jax.checkpoint import restore_tree, save_tree_and_json
 from tmpq_jax.errors import UserError
 from tmpq_jax.quant.calibration import calibration_widths
 from tmpq_jax.quant.registry import LayerRegistry
@@ -108,16 +107,12 @@ def load_calibration(
             if layer.kernel_shape
         },
     }
-    try:
-        tree = ocp.StandardCheckpointer().restore(
-            (Path(path) / ARRAYS_DIR).resolve(), abstract(like)
-        )
-    except Exception as e:  # orbax raises many types for missing/corrupt data
-        msg = str(e).splitlines()[0][:160] if str(e) else ""
-        raise UserError(
-            f"{path}: cannot restore calibration ({type(e).__name__}: {msg}); "
-            "it is corrupt: recalibrate."
-        ) from None
+    tree = restore_tree(
+        Path(path) / ARRAYS_DIR,
+        like,
+        f"{path}: cannot restore calibration",
+        "it is corrupt: recalibrate.",
+    )
     clips = tuple(
         tree["w_clip"][f"{i:04d}"] if layer.kernel_shape else None
         for i, layer in enumerate(registry)

@@ -42,10 +42,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import struct
 
-from tmpq_jax.checkpoint import abstract, save_tree_and_json
+from tmpq_jax.checkpoint import restore_tree, save_tree_and_json
 from tmpq_jax.errors import UserError
 from tmpq_jax.quant import numerics
 from tmpq_jax.quant.registry import LayerRegistry, layer_kind
@@ -309,15 +308,12 @@ def load_quantized(
     }
     if not meta.get("dynamic_activations"):
         like["act_bound"] = jax.ShapeDtypeStruct((n, 2), jnp.float32)
-    try:
-        tree = ocp.StandardCheckpointer().restore(
-            (Path(path) / ARRAYS_DIR).resolve(), abstract(like)
-        )
-    except Exception as e:  # orbax raises many types for missing/corrupt data
-        msg = str(e).splitlines()[0][:160] if str(e) else ""
-        raise UserError(
-            f"{path}: cannot restore the int8 export ({type(e).__name__}: {msg})."
-        ) from None
+    tree = restore_tree(
+        Path(path) / ARRAYS_DIR,
+        like,
+        f"{path}: cannot restore the int8 export",
+        "export the genome again.",
+    )
     qmodel = QuantizedModel(
         variables=tree["variables"],
         bits=QuantBits(**tree["bits"]),

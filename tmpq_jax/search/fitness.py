@@ -12,6 +12,7 @@ bounded, and samples can be drawn `sample_chunk` at a time. NaN/inf samples give
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -78,6 +79,11 @@ class Problem:
             return run(x_T)
         chunks = x_T.reshape(n // self.sample_chunk, self.sample_chunk, *x_T.shape[1:])
         return jax.lax.map(run, chunks).reshape(x_T.shape)
+
+    @functools.cached_property
+    def jitted_sample(self):
+        """`sample`, jitted once per problem (re-scoring reuses it for every genome)."""
+        return jax.jit(self.sample)
 
     def fid(self, assets: Assets, genome: jax.Array) -> jax.Array:
         x0 = self.sample(assets, genome, assets.noise)

@@ -87,11 +87,10 @@ def top_k_distinct(t: dict, mask: np.ndarray, k: int) -> list[int]:
     return out
 
 
-def rescore(setup: Setup, ev: Evaluator, genome: np.ndarray, progress: bool):
-    """(scores, images) of `rescore_samples` fresh samples of one genome."""
-    cfg = setup.run.search
-    c = setup.lm.config
-    sample = _sampler(setup)
+def rescore_images(setup: Setup, sample_fn, progress: bool = False) -> np.ndarray:
+    """`rescore_samples` images from `sample_fn(x_T)`, on fresh noise that never
+    overlaps the fitness noise, clipped to [-1, 1] (NaN kept for the caller)."""
+    cfg, c = setup.run.search, setup.lm.config
     key = jax.random.fold_in(jax.random.key(NOISE_STREAM), RESCORE_STREAM)
     n, bs = cfg.rescore_samples, min(cfg.rescore_batch, cfg.rescore_samples)
     out = []
@@ -101,23 +100,17 @@ def rescore(setup: Setup, ev: Evaluator, genome: np.ndarray, progress: bool):
         x = jax.random.normal(
             jax.random.fold_in(key, b), (bs, c.image_size, c.image_size, c.channels)
         )
-        out.append(np.asarray(sample(setup.assets, genome, x)))
-    images = np.clip(np.concatenate(out)[:n], -1.0, 1.0)
-    finite = np.isfinite(images).all()
-    if not finite:
+        out.append(np.asarray(sample_fn(x)))
+    return np.clip(np.concatenate(out)[:n], -1.0, 1.0)
+
+
+def rescore(setup: Setup, ev: Evaluator, genome: np.ndarray, progress: bool):
+    """(scores, images) of `rescore_samples` fresh samples of one genome."""
+    sample = setup.engine.problem.jitted_sample  # compiled once per problem
+    images = rescore_images(setup, lambda x: sample(setup.assets, genome, x), progress)
+    if not np.isfinite(images).all():
         return {"fid": float("inf"), "finite": False}, images
     return ev.score(images), images
-
-
-_SAMPLERS: dict[int, object] = {}
-
-
-def _sampler(setup: Setup):
-    key = id(setup)
-    if key not in _SAMPLERS:
-        _SAMPLERS.clear()
-        _SAMPLERS[key] = jax.jit(setup.engine.problem.sample)
-    return _SAMPLERS[key]
 
 
 def _portable(path: Path | None) -> str | None:
