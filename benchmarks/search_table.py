@@ -48,6 +48,7 @@ METHODS = {
     "precision": ["search.space=precision"],
     "timesteps": ["search.space=timesteps"],
     "random": ["search.strategy=random"],
+    "joint_penalty": ["search.constraint=penalty"],
 }
 
 

@@ -1,7 +1,7 @@
 """Renders the README's tables from the JSON in benchmarks/results/ (no figure typed by hand).
 
 python -m benchmarks.tables            # prints markdown
-python -m benchmarks.tables --readme   # rewrites the block between the markers in README.md
+python -m benchmarks.tables --readme   # rewrites the blocks between the markers in README.md
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from benchmarks.common import RESULTS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+QUANT_BEGIN, QUANT_END = "<!-- quant_uniform:begin -->", "<!-- quant_uniform:end -->"
+PERF_BEGIN, PERF_END = "<!-- perf:begin -->", "<!-- perf:end -->"
 
 
 def _load(name: str) -> dict | None:
@@ -137,6 +139,199 @@ def large_table(base: dict, large: dict, m_base: dict, m_large: dict) -> str:
     return "\n".join(lines) + "\n\n" + src
 
 
+_CALIBRATIONS = {
+    "minmse": "min-MSE",
+    "recon": "reconstruction",
+    "dynamic": "none (dynamic absmax)",
+}
+
+
+def _quant_row(r: dict, fp: dict | None) -> str:
+    label = "full precision" if r["calibration"] is None else r["config"]
+    calib = "—" if r["calibration"] is None else _CALIBRATIONS[r["calibration"]]
+    diff = r.get("vs_fp_same_noise", {}).get("rms_diff_gray")
+    diff = "—" if diff is None else f"{diff:.1f}"
+    if r["fid"] is None:
+        fid = f"not finite ({100 * r['finite_fraction']:.0f}% finite samples)"
+        ratio = kid = ""
+    else:
+        fid = f"{r['fid']:.3f}"
+        ratio = f"{r['fid'] / fp['fid']:.2f}" if fp and fp["fid"] else ""
+        kid = f"{r['kid']:.4f} ± {r['kid_std']:.4f}"
+    return (
+        f"| {label} | {calib} | {fid} | {ratio} | {kid} | {diff} "
+        f"| {r['bitops'] / 1e9:,.1f} | {r['size_bits'] / 8e6:.2f} |"
+    )
+
+
+def _secs(v: float | None) -> str:
+    return "time not recorded" if v is None else f"{v:.0f} s"
+
+
+def quant_uniform_table(d: dict) -> str:
+    rows = d["rows"]
+    out = [
+        f"{d['num_samples']} samples per row, seed {d['seed']}, the same noises "
+        "in every row; x FP: FID over the full-precision FID at the same steps; "
+        "RMS diff: to the full-precision image from the same noise, in gray "
+        "levels (2/255).",
+        "",
+    ]
+    settings = sorted(
+        {(r["steps"], r["schedule"]) for r in rows}, key=lambda s: (-s[0], s[1])
+    )
+    for steps, schedule in settings:
+        rs = [r for r in rows if (r["steps"], r["schedule"]) == (steps, schedule)]
+        fp = next((r for r in rs if r["calibration"] is None), None)
+        order = list(_CALIBRATIONS)
+        rs.sort(
+            key=lambda r: (
+                r["calibration"] is not None,
+                -r["w_bits"],
+                -r["a_bits"],
+                order.index(r["calibration"]) if r["calibration"] else 0,
+            )
+        )
+        out += [
+            f"DDIM, {steps} {schedule} steps:",
+            "",
+            "| precision | calibration | FID (FMNIST clf.) | x FP | KID "
+            "| RMS diff to FP images | GBitOPs / image | weights (MB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            *(_quant_row(r, fp) for r in rs),
+            "",
+        ]
+    cal = d.get("calibrations", {})
+    c = ",".join(map(str, d["candidates"]))
+    notes = []
+    if "minmse" in cal or "recon" in cal:
+        m = cal.get("minmse") or cal["recon"]
+        secs = m.get("seconds") if "minmse" in cal else m.get("min_mse_seconds")
+        notes.append(f"min-MSE calibration of widths {{{c}}}: {_secs(secs)}")
+    if "recon" in cal:
+        r = cal["recon"]["settings"]["reconstruct"]
+        notes.append(
+            f"block reconstruction on top ({r['steps']} Adam steps for each of "
+            f"{r['fits']} block x width fits, {r['fits_improved']} kept): "
+            f"{_secs(cal['recon']['seconds'])}"
+        )
+    if notes:
+        out += ["; ".join(notes) + ".", ""]
+    parts = "; ".join(f"`{p['command']}`" for p in d.get("parts", [d]))
+    out.append(
+        f"*{d['device']}, {d['date'][:10]}; {parts} → "
+        "`benchmarks/results/quant_uniform.json`*"
+    )
+    return "\n".join(out)
+
+
+def render_quant_uniform() -> str:
+    if d := _load("quant_uniform.json"):
+        return quant_uniform_table(d)
+    return (
+        "Not yet measured: `python -m benchmarks.quant_uniform` writes "
+        "`benchmarks/results/quant_uniform.json`."
+    )
+
+
+def _target(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def perf_table(d: dict) -> str:
+    """The issue's four targets, then the layouts and memory, from perf.json."""
+    wall, q, torch = (
+        d.get("paper_search_wall_s"),
+        d.get("quant_vs_fp_throughput"),
+        d.get("vs_torch_eager"),
+    )
+    frac, static = (
+        d.get("flops_fraction_of_bf16_ceiling"),
+        d.get("vs_static_aqt_recompile"),
+    )
+    out = [
+        "| target (one H100) | measured | |",
+        "| --- | --- | --- |",
+    ]
+    if wall is not None:
+        out.append(
+            f"| paper-protocol search <= 10 min | {wall / 60:.1f} min | {_target(wall <= 600)} |"
+        )
+    if q is not None:
+        out.append(
+            f"| quantized population evaluation >= 70% of full-precision throughput "
+            f"| {100 * q:.0f}% | {_target(q >= 0.7)} |"
+        )
+    if torch is not None:
+        out.append(
+            f"| >= 5x the PyTorch-eager way per candidate | {torch:.2f}x | "
+            f"{_target(torch >= 5)} |"
+        )
+    if frac is not None:
+        out.append(
+            f"| >= 30% of the measured bf16 matmul ceiling "
+            f"({d['bf16_ceiling_flops_per_s'] / 1e12:.0f} TFLOP/s) "
+            f"| {100 * frac:.1f}% ({d['achieved_flops_per_s'] / 1e12:.0f} TFLOP/s) "
+            f"| {_target(frac >= 0.3)} |"
+        )
+    if static is not None:
+        out.append(
+            f"| (no target) vs bits as constants, recompiled per genome | "
+            f"{static:.0f}x ({d['static_aqt_recompile']['seconds_per_genome']:.1f} s "
+            "a genome) | |"
+        )
+    rows = d.get("layouts") or []
+    if rows:
+        out += [
+            "",
+            "| P | chunk | layout | sample-steps/s | peak memory (GiB) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        mem = {m["chunk"]: m.get("peak_bytes") for m in d.get("memory") or []}
+        for r in rows:
+            rate = r.get("sample_steps_per_s")
+            peak = mem.get(r["chunk"])
+            out.append(
+                f"| {r['P']} | {r['chunk']} | {r['layout']} | "
+                f"{f'{rate:,.0f}' if rate else r.get('skipped', '—')} | "
+                f"{f'{peak / 2**30:.1f}' if peak else '—'} |"
+            )
+    paths = d.get("paths_sample_steps_per_s") or {}
+    if paths:
+        names = {
+            "quantize_every_step_f32": "weights quantized at every step (f32 convs)",
+            "frozen_f32": "weights frozen once per genome (f32 convs) — the default",
+            "frozen_bf16": "weights frozen once per genome, bf16 integer convs",
+        }
+        out += [
+            "",
+            "| one candidate at a time, P = 8 | sample-steps/s |",
+            "| --- | --- |",
+        ]
+        out.append(
+            f"| plain full-precision forward, same images | "
+            f"{d['fp_sample_steps_per_s']:,.0f} |"
+        )
+        out += [f"| {names.get(k, k)} | {v:,.0f} |" for k, v in paths.items()]
+    src = [f"`{d['command']}`"]
+    if d.get("resumed_from"):
+        src.insert(0, f"`{d['resumed_from']}`")
+    if d.get("paper_search"):
+        src.append(f"`{d['paper_search']['command']}`")
+    out.append(
+        f"\n*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "
+        f"{'; '.join(src)}; `{d.get('vs_torch_eager_source', '')}` → "
+        "`benchmarks/results/perf.json`*"
+    )
+    return "\n".join(out)
+
+
+def render_perf() -> str:
+    if d := _load("perf.json"):
+        return perf_table(d)
+    return "Not yet measured: `python -m benchmarks.perf` writes `benchmarks/results/perf.json`."
+
+
 def render() -> str:
     parts = []
     if d := _load("fp_model.json"):
@@ -162,21 +357,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--readme", action="store_true")
     args = ap.parse_args()
-    text = render()
+    blocks = [
+        (BEGIN, END, render()),
+        (QUANT_BEGIN, QUANT_END, render_quant_uniform()),
+        (PERF_BEGIN, PERF_END, render_perf()),
+    ]
     if not args.readme:
-        print(text)
+        print("\n\n".join(text for _, _, text in blocks))
         return
     readme = README.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in readme:
-        readme = re.sub(
-            re.escape(BEGIN) + ".*?" + re.escape(END),
-            lambda _: block,
-            readme,
-            flags=re.S,
-        )
-    else:
-        readme = readme.rstrip() + "\n\n" + block + "\n"
+    for begin, end, text in blocks:
+        block = f"{begin}\n{text}\n{end}"
+        if begin in readme:
+            readme = re.sub(
+                re.escape(begin) + ".*?" + re.escape(end),
+                lambda _, b=block: b,
+                readme,
+                flags=re.S,
+            )
+        else:
+            readme = readme.rstrip() + "\n\n" + block + "\n"
     README.write_text(readme)
 
 

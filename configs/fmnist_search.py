@@ -47,6 +47,7 @@ def get_config(arg=None):
         num_samples=2000,
         candidate_chunk=1,
         sample_chunk=0,
+        pop_shards=0,
         seed=0,
         rescore_top_k=10,
         rescore_samples=10_000,

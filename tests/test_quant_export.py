@@ -22,6 +22,7 @@ from tmpq_jax.quant import (
 from tmpq_jax.quant import numerics as qn
 from tmpq_jax.quant.export import (
     convert,
+    freeze,
     load_quantized,
     save_quantized,
     serve_apply,
@@ -78,6 +79,7 @@ def setup(tiny_cfg, tiny_params):
         bits=bits,
         fake=jax.jit(fake),
         serve=serve,
+        inputs=(x, t),
         qmodel=convert(tiny_params, reg, bits, qparams, CANDIDATES),
     )
 
@@ -96,6 +98,32 @@ def test_serve_equals_fake_quant_exactly(setup):
         s["params"], s["reg"], mixed_genome(s["reg"], 7), s["qparams"], CANDIDATES
     )
     assert float(jnp.abs(s["serve"](other) - want).max()) > 1e-3
+
+
+def test_traced_freeze_under_vmap_equals_fake_quant_per_genome(setup):
+    """The search's path: CONVERT with traced bits, vmapped over a population, then
+    SERVE == each genome's fake-quant output, bit for bit."""
+    s = setup
+    pop = [s["bits"], mixed_genome(s["reg"], 7), mixed_genome(s["reg"], 9)]
+    stacked = jax.tree.map(lambda *b: jnp.stack(b), *pop)
+    frozen = jax.jit(
+        jax.vmap(lambda b: freeze(s["params"], s["reg"], b, s["qparams"]))
+    )(stacked)
+    got = jax.vmap(s["serve"])(frozen)
+    for i, b in enumerate(pop):
+        np.testing.assert_array_equal(got[i], s["fake"](b, s["qparams"]))
+
+
+def test_bf16_integer_convs_equal_the_float32_path(setup):
+    """Integer operands (|q| <= 127) are exact in bfloat16 and their products sum
+    exactly in float32: the bf16 SERVE conv gives AQT's float32 output."""
+    s = setup
+    bf16 = jax.jit(
+        lambda qm: serve_apply(
+            s["model"], qm, *s["inputs"], registry=s["reg"], conv_dtype=jnp.bfloat16
+        )
+    )
+    np.testing.assert_array_equal(bf16(s["qmodel"]), s["serve"](s["qmodel"]))
 
 
 class ToyNet(nn.Module):  # a second architecture: circular/depthwise convs, dense

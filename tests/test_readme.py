@@ -1,9 +1,92 @@
 """The README's measured tables are exactly what benchmarks/results/*.json say."""
 
-from benchmarks.tables import BEGIN, END, README, render
+import json
+
+from benchmarks.quant_uniform import merge
+from benchmarks.tables import (
+    BEGIN,
+    END,
+    PERF_BEGIN,
+    PERF_END,
+    QUANT_BEGIN,
+    QUANT_END,
+    README,
+    quant_uniform_table,
+    render,
+    render_perf,
+    render_quant_uniform,
+)
+
+
+def _block(text: str, begin: str, end: str) -> str:
+    return text[text.index(begin) + len(begin) : text.index(end)].strip()
 
 
 def test_readme_tables_match_results_json():
-    text = README.read_text()
-    block = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
+    block = _block(README.read_text(), BEGIN, END)
     assert block == render().strip(), "run: python -m benchmarks.tables --readme"
+
+
+def test_readme_uniform_precision_table_matches_results_json():
+    block = _block(README.read_text(), QUANT_BEGIN, QUANT_END)
+    assert block == render_quant_uniform().strip(), (
+        "run: python -m benchmarks.tables --readme"
+    )
+
+
+def test_readme_performance_table_matches_results_json():
+    block = _block(README.read_text(), PERF_BEGIN, PERF_END)
+    assert block == render_perf().strip(), "run: python -m benchmarks.tables --readme"
+
+
+def _part(command, calibration, fid, extra_rows=()):
+    def row(config, calib, fid, w=32, a=32):
+        return {
+            "config": config,
+            "w_bits": w,
+            "a_bits": a,
+            "calibration": calib,
+            "steps": 10,
+            "schedule": "quad",
+            "fid": fid,
+            "kid": 0.5,
+            "kid_std": 0.1,
+            "bitops": 3e12,
+            "size_bits": 8e7,
+            "finite_fraction": 1.0,
+        }
+
+    rows = [row("FP32", None, 10.0), row("W8A8", calibration, fid, 8, 8)]
+    return {
+        "device": "cpu",
+        "date": "2026-01-01T00:00:00+00:00",
+        "command": command,
+        "wall_s": 1.0,
+        "compile_s": {},
+        "num_samples": 200,
+        "seed": 0,
+        "batch_size": 200,
+        "candidates": [8],
+        "calibrations": {
+            calibration: {"seconds": 3.0, "min_mse_seconds": 3.0, "settings": {}}
+        },
+        "rows": rows + list(extra_rows),
+    }
+
+
+def test_quant_uniform_merge_keeps_fp_rows_once_and_renders(tmp_path):
+    paths = []
+    for i, (calib, fid) in enumerate((("minmse", 10.5), ("dynamic", 11.0))):
+        p = tmp_path / f"part{i}.json"
+        p.write_text(json.dumps(_part(f"cmd {calib}", calib, fid)))
+        paths.append(str(p))
+    merged = json.loads(merge(paths, str(tmp_path), "all.json").read_text())
+    assert [(r["config"], r["calibration"]) for r in merged["rows"]] == [
+        ("FP32", None),
+        ("W8A8", "minmse"),
+        ("W8A8", "dynamic"),
+    ]
+    assert set(merged["calibrations"]) == {"minmse", "dynamic"}
+    table = quant_uniform_table(merged)
+    assert "| W8A8 | min-MSE | 10.500 | 1.05 |" in table
+    assert "`cmd minmse`; `cmd dynamic`" in table

@@ -32,8 +32,9 @@ SEARCH = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def parts(tiny_cfg, tiny_params):
+def tiny_parts(tiny_cfg, tiny_params):
+    """(model, registry, feature net, reference stats) of a tiny search (also
+    used by the multi-device runs of tests/sharded_search.py)."""
     lm = LoadedModel(tiny_cfg, DiffusionConfig(), tiny_params, {"model": "tiny"})
     ccfg = ClassifierConfig(widths=(8, 16), feature_dim=8, num_groups=4)
     shape = (tiny_cfg.image_size, tiny_cfg.image_size, 1)
@@ -49,6 +50,11 @@ def parts(tiny_cfg, tiny_params):
         features_test=f.astype(np.float32),
     )
     return lm, unet_registry(tiny_cfg), net, stats
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_cfg, tiny_params):
+    return tiny_parts(tiny_cfg, tiny_params)
 
 
 def make_setup(parts, **kw):

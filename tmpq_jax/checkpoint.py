@@ -24,13 +24,16 @@ CHECKPOINTS_DIR = Path(os.environ.get("TMPQ_CHECKPOINTS", REPO_ROOT / "checkpoin
 SHIPPED_MODEL = CHECKPOINTS_DIR / "fmnist_unet"
 
 
-def abstract(tree: Any) -> Any:
-    """Restore targets on this host's first device, whatever device saved them.
+def abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """Restore targets on `sharding` (default: this host's first device), whatever
+    devices saved them.
 
     Without an explicit sharding orbax refuses a checkpoint written on another
     topology (e.g. trained on a GPU, restored on a CPU).
     """
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # local_devices: with several processes, devices()[0] is another host's.
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
     )
@@ -73,6 +76,12 @@ def read_card(path: str | os.PathLike) -> dict:
     path = Path(path)
     card_file = path / "card.json"
     if not card_file.is_file():
+        if path.resolve() == SHIPPED_MODEL.resolve():
+            raise UserError(
+                f"the shipped model is not at {path}: it is read from the repository, "
+                "so install with `pip install -e .` in a clone (not `pip install .`), "
+                "or set TMPQ_CHECKPOINTS to the clone's checkpoints/ directory."
+            )
         raise UserError(
             f"no model checkpoint at {path} (no card.json); train one with `tmpq train` "
             "or leave out --checkpoint to use the shipped model."
@@ -126,12 +135,15 @@ class TrainCheckpoints:
             ),
         )
 
-    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+    def restore(
+        self, step: int, like: Any, sharding: jax.sharding.Sharding | None = None
+    ) -> tuple[Any, dict]:
+        """(state shaped like `like` on `sharding` (see `abstract`), meta)."""
         try:
             r = self._mngr.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract(like)),
+                    state=ocp.args.StandardRestore(abstract(like, sharding)),
                     meta=ocp.args.JsonRestore(),
                 ),
             )

@@ -280,13 +280,30 @@ def _default_search_config() -> str:
 
 
 def cmd_search(args, overrides) -> int:
+    from tmpq_jax.distributed import init_distributed, is_main_process
+
+    # Before anything touches a JAX backend (importing evosax does).
+    init_distributed(
+        args.coordinator_address, args.num_processes, args.process_id, args.distributed
+    )
     from tmpq_jax.config import load_config
     from tmpq_jax.evaluation import FID_NAME
     from tmpq_jax.search import SearchRunConfig, search
 
     spec = args.config or _default_search_config()
     run = SearchRunConfig.from_configdict(load_config(spec, overrides))
+    if is_main_process():
+        s = run.search
+        print(
+            f"{spec}: {s.evaluations} genomes over {s.generations} generations, each "
+            f"scored on {s.num_samples} samples x {s.num_steps} steps "
+            f"({s.evaluations * s.num_samples * s.num_steps:,} model forwards).\n"
+            "The bar moves once a generation (minutes each on a CPU; the first also "
+            "compiles); interrupt any time and rerun to resume."
+        )
     r = search(run, args.workdir, progress=not args.no_progress)
+    if not is_main_process():
+        return 0
     rs = r["rescored"]
     print(
         f"best genome: {FID_NAME} {rs['fid']:.3f} on {rs['num_samples']} samples "
@@ -415,6 +432,24 @@ def _add_search_parser(sub) -> None:
         "--workdir", default="runs/search", help="checkpoints, log, results, plots"
     )
     r.add_argument("--no-progress", action="store_true")
+    d = r.add_argument_group(
+        "several processes (hosts)",
+        "one process per host, all with the same command and --workdir on a "
+        "filesystem they share; the search spans every device of every process",
+    )
+    d.add_argument(
+        "--coordinator-address",
+        help="HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS)",
+    )
+    d.add_argument("--num-processes", type=int, help="default: $JAX_NUM_PROCESSES")
+    d.add_argument(
+        "--process-id", type=int, help="0..N-1, this process (default: $JAX_PROCESS_ID)"
+    )
+    d.add_argument(
+        "--distributed",
+        action="store_true",
+        help="let JAX detect the processes (TPU pod slice, SLURM, Open MPI)",
+    )
     r.set_defaults(fn=cmd_search)
 
 

@@ -75,7 +75,8 @@ def _run_config_file(spec: str) -> ml_collections.ConfigDict:
     p = Path(path)
     if not p.is_file():
         raise UserError(
-            f"config file {path} not found; see configs/ for the shipped ones."
+            f"config file {path} not found; see configs/ for the shipped ones (they "
+            "are read from the repository: install with `pip install -e .` in a clone)."
         )
     module_spec = importlib.util.spec_from_file_location(f"_tmpq_config_{p.stem}", p)
     module = importlib.util.module_from_spec(module_spec)

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,11 +27,25 @@ from tmpq_jax.errors import UserError
 from tmpq_jax.models.unet import UNet, UNetConfig, init_params
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageShape:
+    """The `config` of a model that is not the project's UNet: its image size."""
+
+    image_size: int
+    channels: int = 1
+
+
 class LoadedModel:
-    """A UNet with params and its noise schedule, as read from an exported checkpoint."""
+    """A UNet with params and its noise schedule, as read from an exported checkpoint;
+    or any linen epsilon model (`LoadedModel.from_module`)."""
 
     def __init__(
-        self, config: UNetConfig, diffusion: DiffusionConfig, params, card: dict
+        self,
+        config: UNetConfig | ImageShape,
+        diffusion: DiffusionConfig,
+        params,
+        card: dict,
+        model: nn.Module | None = None,
     ):
         self.config, self.diffusion, self.params, self.card = (
             config,
@@ -38,11 +53,53 @@ class LoadedModel:
             params,
             card,
         )
-        self.model = UNet(config)
+        self.model = UNet(config) if model is None else model
         self.sched: NoiseSchedule = make_noise_schedule(diffusion)
         # Jitted once per model; timesteps and eta are traced, batch is static.
         self.ddim_batch = jax.jit(self._ddim_batch, static_argnums=3)
         self.ddpm_batch = jax.jit(self._ddpm_batch, static_argnums=2)
+
+    @classmethod
+    def from_module(
+        cls,
+        model: nn.Module,
+        params,
+        image_size: int,
+        channels: int = 1,
+        diffusion: DiffusionConfig | None = None,
+        name: str | None = None,
+    ) -> LoadedModel:
+        """Your own linen model, `model.apply({'params': params}, x, t)` -> the
+        predicted noise for x f32[B, H, W, C] in [-1, 1] and t int32[B], trained on
+        the `diffusion` schedule (default: `DiffusionConfig()`, DDPM's linear one).
+        Sampling, calibration and the search take it as they take the shipped UNet.
+        Its card holds a hash of `params`, so calibrations and search checkpoints
+        made for other weights are never reused."""
+        from tmpq_jax.metrics.feature_net import params_fingerprint
+
+        diffusion = diffusion if diffusion is not None else DiffusionConfig()
+        shape = ImageShape(int(image_size), int(channels))
+        card = {
+            "name": name or type(model).__name__,
+            "module": f"{type(model).__module__}.{type(model).__qualname__}",
+            "config": {
+                "model": dataclasses.asdict(shape),
+                "diffusion": dataclasses.asdict(diffusion),
+            },
+            "params_fingerprint": params_fingerprint(params),
+        }
+        return cls(shape, diffusion, params, card, model=model)
+
+    def layer_registry(self):
+        """The model's quantizable layers (`quant.LayerRegistry`), traced at batch 1."""
+        from tmpq_jax.quant.registry import build_registry
+
+        c = self.config
+        x = jax.ShapeDtypeStruct(
+            (1, c.image_size, c.image_size, c.channels), jnp.float32
+        )
+        t = jax.ShapeDtypeStruct((1,), jnp.int32)
+        return build_registry(self.model, {"params": self.params}, x, t)
 
     def noise(self, key: jax.Array, batch: int) -> jax.Array:
         c = self.config
@@ -62,6 +119,11 @@ class LoadedModel:
         return lambda x, t: self.model.apply({"params": params}, x, t)
 
     def with_dtype(self, dtype: str) -> LoadedModel:
+        if not isinstance(self.config, UNetConfig):
+            raise UserError(
+                "--dtype / with_dtype is for the project's UNet; set your own "
+                "model's compute dtype in its module."
+            )
         cfg = dataclasses.replace(self.config, dtype=dtype)
         cfg.validate()
         return LoadedModel(cfg, self.diffusion, self.params, self.card)

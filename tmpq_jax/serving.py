@@ -18,7 +18,7 @@ from tmpq_jax.genome_file import Genome, read_genome
 from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.quant.calibration_io import load_calibration, read_calibration_meta
 from tmpq_jax.quant.export import QuantizedModel, convert, serve_apply
-from tmpq_jax.quant.registry import LayerRegistry, unet_registry
+from tmpq_jax.quant.registry import LayerRegistry
 from tmpq_jax.sampling import LoadedModel, load_model
 
 SHIPPED_CALIBRATION = CHECKPOINTS_DIR / "fmnist_unet_calib"
@@ -30,7 +30,7 @@ class ServedModel(LoadedModel):
 
     def __init__(self, lm: LoadedModel, qmodel: QuantizedModel, registry):
         self.registry = registry
-        super().__init__(lm.config, lm.diffusion, qmodel, lm.card)
+        super().__init__(lm.config, lm.diffusion, qmodel, lm.card, model=lm.model)
 
     def eps_fn(self, params):
         return lambda x, t: serve_apply(
@@ -66,11 +66,13 @@ def load_genome_model(
     genome_path: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
     calibration: str | os.PathLike | None = None,
+    model: LoadedModel | None = None,
 ) -> tuple[ServedModel, Genome]:
-    """Reads a genome file, loads the model (default: the shipped one) and the
-    calibration, refuses mismatches, and CONVERTs: (ServedModel, Genome)."""
-    lm = load_model(checkpoint)
-    reg: LayerRegistry = unet_registry(lm.config)
+    """Reads a genome file, loads the model (default: the shipped one; `model`: one
+    in hand, e.g. `LoadedModel.from_module`) and the calibration, refuses
+    mismatches, and CONVERTs: (ServedModel, Genome)."""
+    lm = model if model is not None else load_model(checkpoint)
+    reg: LayerRegistry = lm.layer_registry()
     genome = read_genome(genome_path, reg, num_timesteps=lm.diffusion.num_timesteps)
     fp = model_fingerprint(lm.card)
     want = genome.meta.get("model_fingerprint")

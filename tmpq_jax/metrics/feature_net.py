@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import struct
 
+from tmpq_jax.checkpoint import CHECKPOINTS_DIR
 from tmpq_jax.data import to_model_range
 from tmpq_jax.errors import UserError
 from tmpq_jax.metrics.classifier import (
@@ -33,9 +34,7 @@ from tmpq_jax.metrics.classifier import (
     abstract_params,
 )
 
-DEFAULT_FEATURE_NET = (
-    Path(__file__).resolve().parents[2] / "checkpoints" / "fmnist_classifier"
-)
+DEFAULT_FEATURE_NET = CHECKPOINTS_DIR / "fmnist_classifier"
 PARAMS_DIR = "params"
 CARD_FILE = "card.json"
 TRAIN_HINT = "tmpq train-classifier --config configs/classifier.py --workdir {path}"
@@ -151,7 +150,8 @@ def restore_params(directory: str | os.PathLike, config: ClassifierConfig) -> An
     The abstract target carries this process's device as sharding, so a
     checkpoint written on a GPU restores on a CPU-only host and vice versa.
     """
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # local: with several processes, devices()[0] belongs to process 0.
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
         abstract_params(config),

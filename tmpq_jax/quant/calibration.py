@@ -352,10 +352,8 @@ def calibrate(
     `key` draws the calibration noises (fold 0) and the activation subsample
     (fold 1). `info` holds the settings (for `save_calibration`), per-operand
     absmax and the MSE gains of the chosen ranges over the unclipped ones."""
-    from tmpq_jax.quant.registry import unet_registry
-
     start = time.perf_counter()
-    registry = registry if registry is not None else unet_registry(lm.config)
+    registry = registry if registry is not None else lm.layer_registry()
     xs, ts = calibration_set(lm, jax.random.fold_in(key, 0), num_timesteps, num_samples)
     qparams, info = calibrate_model(
         lm.model,

@@ -123,6 +123,48 @@ def _selected_bounds(registry, w, a, qparams: QParams | None) -> jax.Array | Non
     return jnp.asarray(out)
 
 
+def freeze(
+    params: Any,
+    registry: LayerRegistry,
+    bits: QuantBits,
+    qparams: QParams | None = None,
+) -> QuantizedModel:
+    """CONVERT with *traced* bits (under jit/vmap, no checks): the `QuantizedModel`
+    of one genome, its calibrated results selected as the supernet selects them.
+    The search freezes each candidate once and samples through `serve_apply`, so a
+    kernel is quantized once per genome, not once per layer call per step; SERVE
+    equals the fake-quant path bit for bit, so the fitness is unchanged."""
+    new_params, scales = _copy(params), {}
+    bounds = []
+    for i, layer in enumerate(registry):
+        left = layer.pinned_lhs_bits or bits.a_bits[i]
+        lb = rb = jnp.float32(0.0)
+        if qparams is not None and qparams.act_bound is not None:
+            row = qparams.act_bound[i]
+            lb = jnp.take(row[0], qparams.width_index(left))
+            if layer.kind == "matmul":
+                rb = jnp.take(row[1], qparams.width_index(bits.w_bits[i]))
+        bounds.append(jnp.stack([lb, rb]))
+        if layer.kind == "matmul":
+            continue
+        clip = None
+        if qparams is not None and qparams.w_clip is not None:
+            clip = jnp.take(
+                qparams.w_clip[i], qparams.width_index(bits.w_bits[i]), axis=0
+            )
+        node = _get(new_params, layer.path)
+        node["kernel"], scale = numerics.convert_weight(
+            node["kernel"], numerics.WeightQuant(bits.w_bits[i], clip)
+        )
+        _set_in(scales, layer.path, "scale", scale)
+    dynamic = qparams is None or qparams.act_bound is None
+    return QuantizedModel(
+        variables={"params": new_params, COLLECTION: scales},
+        bits=bits,
+        act_bound=None if dynamic else jnp.stack(bounds),
+    )
+
+
 @jax.jit
 def _convert_kernels(kernels, w_bits, clips):
     """All kernels at once (one compile per model; the bits are traced, as in the
@@ -202,9 +244,12 @@ def _frozen_kernel(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array]:
     return qvalue, scale
 
 
-def make_serve_interceptor(qmodel: QuantizedModel, registry: LayerRegistry):
+def make_serve_interceptor(
+    qmodel: QuantizedModel, registry: LayerRegistry, conv_dtype=None
+):
     """A Flax method interceptor running every registered conv/dense from its frozen
-    int8 kernel (AQT SERVE) and every MatMul as the supernet does."""
+    int8 kernel (AQT SERVE) and every MatMul as the supernet does. `conv_dtype`:
+    see `numerics.served_conv_general_dilated` (bfloat16 on accelerators)."""
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -217,7 +262,9 @@ def make_serve_interceptor(qmodel: QuantizedModel, registry: LayerRegistry):
             return _rerun(module, kind, left, right, args, kwargs)
         qvalue, scale = _frozen_kernel(module, registry[i].name)
         if kind == "conv":
-            op = _QuantizedOp(numerics.served_conv_general_dilated(left, qvalue, scale))
+            op = _QuantizedOp(
+                numerics.served_conv_general_dilated(left, qvalue, scale, conv_dtype)
+            )
             updates = dict(conv_general_dilated=op, conv_general_dilated_cls=None)
         else:
             op = _QuantizedOp(numerics.served_dot_general(left, qvalue, scale))
@@ -232,11 +279,13 @@ def serve_apply(
     qmodel: QuantizedModel,
     *args,
     registry: LayerRegistry,
+    conv_dtype=None,
     **apply_kwargs,
 ):
     """`model.apply` from the frozen int8 weights of `qmodel` (jittable; `qmodel` is
-    a pytree). Equals `quantized_apply` with the genome and QParams it came from."""
-    with nn.intercept_methods(make_serve_interceptor(qmodel, registry)):
+    a pytree). Equals `quantized_apply` with the genome and QParams it came from
+    (with `conv_dtype=bfloat16`: wherever convolution sums stay below 2**24)."""
+    with nn.intercept_methods(make_serve_interceptor(qmodel, registry, conv_dtype)):
         return model.apply(qmodel.variables, *args, **apply_kwargs)
 
 

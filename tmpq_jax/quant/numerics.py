@@ -300,9 +300,16 @@ def served_dot_general(act: ActQuant, qvalue: jax.Array, scale: jax.Array):
     return fn
 
 
-def served_conv_general_dilated(act: ActQuant, qvalue: jax.Array, scale: jax.Array):
+def served_conv_general_dilated(
+    act: ActQuant, qvalue: jax.Array, scale: jax.Array, conv_dtype=None
+):
     """AQT SERVE: a `lax.conv_general_dilated` replacement for `nn.Conv` whose kernel
-    is the frozen (qvalue, scale); the `rhs` it is called with is ignored."""
+    is the frozen (qvalue, scale); the `rhs` it is called with is ignored.
+
+    `conv_dtype` (e.g. bfloat16): run the convolution itself on the integer values
+    in that dtype with float32 accumulation (`_integer_conv`); None: AQT's own op."""
+    if conv_dtype is not None:
+        return _integer_conv(act, qvalue, scale, conv_dtype)
 
     def fn(
         lhs,
@@ -335,5 +342,46 @@ def served_conv_general_dilated(act: ActQuant, qvalue: jax.Array, scale: jax.Arr
             preferred_element_type=preferred_element_type,
         )
         return out
+
+    return fn
+
+
+def _integer_conv(act: ActQuant, qvalue: jax.Array, scale: jax.Array, conv_dtype):
+    """SERVE conv with both operands' integer values (|q| <= 127) in `conv_dtype`:
+    exact in bfloat16 (8 significant bits), products exact and summed in float32,
+    so the output equals AQT's float32 conv of the same integers wherever the
+    partial sums stay below 2**24 (in practice everywhere), at bf16 speed. Scales
+    are applied afterwards in AQT's order (activation scale, then kernel scale)."""
+
+    def fn(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=None,
+        rhs_dilation=None,
+        dimension_numbers=None,
+        feature_group_count=1,
+        batch_group_count=1,
+        precision=None,
+        preferred_element_type=None,
+    ):
+        del rhs, precision, preferred_element_type
+        lhs_qt = _quant(lhs, act, None)
+        out = lax.conv_general_dilated(
+            lhs_qt.qvalue.astype(conv_dtype),
+            qvalue.astype(conv_dtype),
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            preferred_element_type=jnp.float32,
+        )
+        out = out * lhs_qt.scale[0]
+        shape = (1,) * (out.ndim - 1) + (scale.shape[-1],)
+        return (out * jnp.reshape(scale, shape)).astype(lhs.dtype)
 
     return fn

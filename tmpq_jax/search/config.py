@@ -12,6 +12,8 @@ import dataclasses
 import json
 from typing import Any
 
+import jax.numpy as jnp
+
 from tmpq_jax.errors import UserError, check_keys
 from tmpq_jax.quant.supernet import DEFAULT_CANDIDATES, check_candidates
 
@@ -19,6 +21,7 @@ STRATEGIES = ("tmpq_ga", "simple_ga", "cma_es", "random")
 TIMESTEP_MODES = ("grouped", "free", "variable")
 SPACES = ("joint", "precision", "timesteps")
 CONSTRAINTS = ("repair", "penalty")
+CONV_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,12 @@ class SearchConfig:
     num_samples: int = 2000
     candidate_chunk: int = 1  # candidates vmapped together (lax.map batch_size)
     sample_chunk: int = 0  # images sampled together per candidate; 0: all at once
+    # Devices along the population axis of the mesh (the rest split each
+    # candidate's samples); 0: auto (search/sharding.py).
+    pop_shards: int = 0
+    # Convolutions on the integer values: bfloat16 is exact for them (f32 sums),
+    # but measured slower than float32 on the H100 (benchmarks/results/perf.json).
+    conv_dtype: str = "float32"
     seed: int = 0
     # Output.
     rescore_top_k: int = 10
@@ -72,6 +81,7 @@ class SearchConfig:
             ("timestep_mode", TIMESTEP_MODES),
             ("space", SPACES),
             ("constraint", CONSTRAINTS),
+            ("conv_dtype", CONV_DTYPES),
         ):
             if getattr(self, field) not in allowed:
                 raise UserError(
@@ -105,6 +115,8 @@ class SearchConfig:
                 "search.elite_frac/mutant_frac/crossover_frac: elite_frac in (0, 1) "
                 f"and the three summing to at most 1 (got {fracs:.3f})."
             )
+        if self.pop_shards < 0:
+            raise UserError(f"search.pop_shards={self.pop_shards}: use 0 (auto) or more.")
         if self.sample_chunk and self.num_samples % self.sample_chunk:
             raise UserError(
                 f"search.sample_chunk={self.sample_chunk} must divide "
@@ -141,7 +153,14 @@ class SearchConfig:
         "rescore_samples",
         "rescore_batch",
         "candidate_chunk",
+        "conv_dtype",
+        "pop_shards",
     )
+
+    @property
+    def conv_jnp_dtype(self):
+        """None: AQT's own float32 conv; else the integer conv's dtype."""
+        return None if self.conv_dtype == "float32" else jnp.bfloat16
 
 
 @dataclasses.dataclass(frozen=True)

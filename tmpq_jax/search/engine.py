@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from tmpq_jax.search import budget as budget_lib
+from tmpq_jax.search import sharding
 from tmpq_jax.search.config import SearchConfig
 from tmpq_jax.search.fitness import Assets, Problem
 from tmpq_jax.search.strategies import Strategy
@@ -83,6 +84,17 @@ class Engine:
     problem: Problem
     strategy: Strategy
     budget: float  # total BitOPs over the schedule
+    # The devices a generation runs on (`sharding.search_mesh`); None: the default
+    # device, unsharded.
+    mesh: jax.sharding.Mesh | None = None
+
+    @property
+    def replicated(self) -> jax.sharding.Sharding:
+        """Where a search state lives: every device of the mesh (checkpoints are
+        restored there, so a restored state never recompiles the program)."""
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return sharding.replicated(self.mesh)
 
     def _key(self, generation, stream: int):
         base = jax.random.fold_in(jax.random.key(self.cfg.seed), generation)
@@ -96,7 +108,10 @@ class Engine:
                 genomes
             )
         bitops = jax.vmap(lambda g: budget_lib.genome_cost(space, reg, g)[0])(genomes)
-        fid = self.problem.population_fid(assets, genomes)
+        if self.mesh is None:
+            fid = self.problem.population_fid(assets, genomes)
+        else:
+            fid = sharding.population_fid(self.problem, self.mesh, assets, genomes)
         fitness = budget_lib.penalized(
             fid, bitops, self.budget, self.cfg.penalty_weight
         )
@@ -127,8 +142,10 @@ class Engine:
     @functools.cached_property
     def programs(self):
         """(first, next) jitted once per engine; `next` donates the state it advances
-        (tests read `next._cache_size()` to assert a single compile)."""
+        (tests read `next._cache_size()` to assert a single compile). Their state
+        comes out replicated over the mesh, as a restored one is placed."""
+        out = None if self.mesh is None else self.replicated
         return (
-            jax.jit(self.first_generation),
-            jax.jit(self.next_generation, donate_argnums=1),
+            jax.jit(self.first_generation, out_shardings=out),
+            jax.jit(self.next_generation, donate_argnums=1, out_shardings=out),
         )

@@ -1,12 +1,14 @@
 """Fitness on device: a candidate's samples from one fixed noise batch, scored by FID.
 
-For each genome: decode -> DDIM (`lax.scan` over its traced timesteps) with every
-layer quantized at its traced bits (`quantized_apply`, calibrated ranges selected,
-never recomputed) -> the FMNIST classifier's features -> FID against the test
-statistics (`fid_from_features`, jittable). A population is mapped in chunks of
-`candidate_chunk` vmapped genomes (`lax.map(batch_size=...)`), so memory stays
-bounded, and samples can be drawn `sample_chunk` at a time. NaN/inf samples give
-`WORST_FID`, never a crash. Big arrays travel as arguments (`Assets`), not constants.
+For each genome: decode -> CONVERT its kernels once at their traced bits
+(`export.freeze`, calibrated results selected, never recomputed) -> DDIM
+(`lax.scan` over its traced timesteps) serving them (`export.serve_apply`, equal
+bit for bit to the fake-quant `quantized_apply`) -> the FMNIST classifier's
+features -> FID against the test statistics (`fid_from_features`, jittable). A
+population is mapped in chunks of `candidate_chunk` vmapped genomes
+(`lax.map(batch_size=...)`), so memory stays bounded, and samples can be drawn
+`sample_chunk` at a time. NaN/inf samples give `WORST_FID`, never a crash. Big
+arrays travel as arguments (`Assets`), not constants.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from flax import struct
 from tmpq_jax.diffusion.samplers import ddim_sample
 from tmpq_jax.diffusion.schedules import NoiseSchedule
 from tmpq_jax.metrics import FeatureNet, fid_from_features
+from tmpq_jax.quant import export
 from tmpq_jax.quant.registry import LayerRegistry
-from tmpq_jax.quant.supernet import QParams, quantized_apply
+from tmpq_jax.quant.supernet import QParams, check_bits
 from tmpq_jax.search.space import GenomeSpace
 
 WORST_FID = 1e4  # the fitness of a candidate whose samples are not finite
@@ -54,21 +57,24 @@ class Problem:
     candidates: tuple[int, ...]
     candidate_chunk: int = 1
     sample_chunk: int = 0
+    conv_dtype: Any = None  # integer-valued conv operands in bf16: see numerics
 
     def sample(self, assets: Assets, genome: jax.Array, x_T: jax.Array) -> jax.Array:
         """Images of one genome from x_T (unclipped x_0)."""
         d = self.space.decode(genome)
+        check_bits(d.bits, self.registry, self.candidates)
+        # CONVERT once per genome, outside the step scan: every step then reads the
+        # frozen int8 kernels (SERVE), bit for bit the fake-quant path's output.
+        qmodel = export.freeze(assets.params, self.registry, d.bits, assets.qparams)
 
         def eps_fn(x, t):
-            return quantized_apply(
+            return export.serve_apply(
                 self.model,
-                {"params": assets.params},
+                qmodel,
                 x,
                 t,
-                bits=d.bits,
                 registry=self.registry,
-                qparams=assets.qparams,
-                candidates=self.candidates,
+                conv_dtype=self.conv_dtype,
             )
 
         def run(x):  # eta = 0: the key is unused
@@ -85,22 +91,29 @@ class Problem:
         """`sample`, jitted once per problem (re-scoring reuses it for every genome)."""
         return jax.jit(self.sample)
 
-    def fid(self, assets: Assets, genome: jax.Array) -> jax.Array:
+    def fid(self, assets: Assets, genome: jax.Array, axis=None) -> jax.Array:
+        """`axis`: the mesh axis `assets.noise` is split over (inside `shard_map`):
+        the features of every part are gathered before the FID."""
         x0 = self.sample(assets, genome, assets.noise)
         finite = jnp.all(jnp.isfinite(x0))
         images = jnp.clip(jnp.where(finite, x0, 0.0), -1.0, 1.0)
+        feats = assets.net.features(images)
+        if axis is not None:
+            feats = jax.lax.all_gather(feats, axis, tiled=True)
+            finite = jax.lax.psum((~finite).astype(jnp.int32), axis) == 0
         f = fid_from_features(
-            assets.net.features(images),
+            feats,
             assets.mu_ref,
             assets.sigma_ref,
             assets.sqrt_sigma_ref,
         )
         return jnp.where(finite & jnp.isfinite(f), f, WORST_FID)
 
-    def population_fid(self, assets: Assets, genomes: jax.Array) -> jax.Array:
-        """float32[P] for int32[P, D], `candidate_chunk` genomes vmapped at a time."""
+    def population_fid(self, assets: Assets, genomes: jax.Array, axis=None):
+        """float32[P] for int32[P, D], `candidate_chunk` genomes vmapped at a time
+        (`axis`: see `fid`)."""
         return jax.lax.map(
-            lambda g: self.fid(assets, g),
+            lambda g: self.fid(assets, g, axis),
             genomes,
             batch_size=min(self.candidate_chunk, genomes.shape[0]),
         )

@@ -29,7 +29,7 @@ from tmpq_jax.provenance import provenance
 from tmpq_jax.quant import cost
 from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.sampling import to_uint8
-from tmpq_jax.search import plots
+from tmpq_jax.search import plots, sharding
 from tmpq_jax.search.engine import SearchState
 from tmpq_jax.search.setup import NOISE_STREAM, Setup
 
@@ -107,7 +107,13 @@ def rescore_images(setup: Setup, sample_fn, progress: bool = False) -> np.ndarra
 def rescore(setup: Setup, ev: Evaluator, genome: np.ndarray, progress: bool):
     """(scores, images) of `rescore_samples` fresh samples of one genome."""
     sample = setup.engine.problem.jitted_sample  # compiled once per problem
-    images = rescore_images(setup, lambda x: sample(setup.assets, genome, x), progress)
+    mesh = setup.engine.mesh
+
+    def sample_fn(x):  # the batch split over the search's devices, gathered back
+        x = sharding.split_batch(x, mesh)
+        return sharding.gather(sample(setup.assets, genome, x))
+
+    images = rescore_images(setup, sample_fn, progress)
     if not np.isfinite(images).all():
         return {"fid": float("inf"), "finite": False}, images
     return ev.score(images), images

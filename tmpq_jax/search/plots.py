@@ -1,27 +1,32 @@
-"""The search's pictures (matplotlib, Agg; each written atomically as PNG)."""
+"""The search's pictures (each written atomically as PNG).
+
+Figures are `matplotlib.figure.Figure`s, never pyplot's: no backend is chosen and
+no global state touched, so a notebook's own inline plots keep working.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tmpq_jax import files  # noqa: E402
-from tmpq_jax.diffusion.schedules import quad_group_bounds, quad_timesteps  # noqa: E402
-from tmpq_jax.evaluation import FID_NAME  # noqa: E402
+from tmpq_jax import files
+from tmpq_jax.diffusion.schedules import quad_group_bounds, quad_timesteps
+from tmpq_jax.evaluation import FID_NAME
 
 
-def _save(fig, path: Path) -> None:
+def _subplots(figsize) -> tuple[Figure, object]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: Path) -> None:
     files.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
-    plt.close(fig)
 
 
 def fid_vs_bitops(t, mask, front, budget, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = _subplots((6.4, 4.4))
     g = t["generation"]
     sc = ax.scatter(
         t["bitops"][mask], t["fid"][mask], c=g[mask], s=12, cmap="viridis", alpha=0.8
@@ -62,7 +67,7 @@ def bit_allocation(registry, best: dict, path: Path) -> None:
     w = [best["layers"][n]["w_bits"] for n in names]
     a = [best["layers"][n]["a_bits"] for n in names]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.16 * len(names)), 3.6))
+    fig, ax = _subplots((max(6.4, 0.16 * len(names)), 3.6))
     ax.bar(x - 0.2, w, width=0.4, label="weight / right operand bits")
     ax.bar(x + 0.2, a, width=0.4, label="activation / left operand bits")
     ax.set_xticks(x, names, rotation=90, fontsize=5)
@@ -74,7 +79,7 @@ def bit_allocation(registry, best: dict, path: Path) -> None:
 
 
 def timesteps(best: dict, num_steps: int, num_timesteps: int, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 2.2))
+    fig, ax = _subplots((6.4, 2.2))
     edges = quad_group_bounds(num_steps, num_timesteps)
     for e in edges:
         ax.axvline(e, c="0.85", lw=0.8)

@@ -18,11 +18,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tmpq_jax.checkpoint import TrainCheckpoints
+from tmpq_jax.distributed import is_main_process
 from tmpq_jax.errors import UserError
 from tmpq_jax.quant.calibration import model_fingerprint
+from tmpq_jax.sampling import LoadedModel
 from tmpq_jax.search.config import SearchConfig, SearchRunConfig
 from tmpq_jax.search.engine import SearchState
-from tmpq_jax.search.setup import Setup, prepare
+from tmpq_jax.search.setup import Setup, prepare, prepare_model
 
 LOG_FILE = "search_log.jsonl"
 
@@ -54,7 +56,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def _generation_log(state: SearchState, gen: int, wall: float, evals: int) -> dict:
-    a = state.archive
+    a = jax.device_get(state.archive)  # replicated: every process reads its copy
     n = int(a.count[gen])
     fid = np.asarray(a.fid[gen, :n])
     fit = np.asarray(a.fitness[gen, :n])
@@ -115,8 +117,10 @@ def run_generations(
                     "use another --workdir or delete its checkpoints."
                 )
             like = jax.eval_shape(first, setup.assets)
-            state, _ = ckpts.restore(latest, like)
-        log = _Log(workdir / LOG_FILE, keep_below=latest or 0)
+            state, _ = ckpts.restore(latest, like, setup.engine.replicated)
+        # Process 0 keeps the log; orbax has every process save its checkpoint part.
+        main = is_main_process()
+        log = _Log(workdir / LOG_FILE, keep_below=latest or 0) if main else None
         done = 0 if state is None else int(state.generation)
         end = (
             cfg.generations if stop_after is None else min(stop_after, cfg.generations)
@@ -125,7 +129,7 @@ def run_generations(
         bar = tqdm(
             total=cfg.generations,
             initial=done,
-            disable=not progress,
+            disable=not (progress and main),
             desc="search",
             unit="gen",
         )
@@ -134,7 +138,7 @@ def run_generations(
             if state is None:
                 # Committed, as a restored state is: the same compiled `next` serves
                 # a fresh run and a resumed one.
-                state = jax.device_put(first(setup.assets), jax.devices()[0])
+                state = jax.device_put(first(setup.assets), setup.engine.replicated)
             else:
                 state = nxt(setup.assets, state)
             jax.block_until_ready(state)
@@ -143,7 +147,8 @@ def run_generations(
             evals += cfg.population if gen == 0 else cfg.offspring
             ckpts.save(done, state, {"signature": sig, "generation": done})
             row = _generation_log(state, gen, time.perf_counter() - t0, evals)
-            log.append(row)
+            if log is not None:
+                log.append(row)
             bar.set_postfix(best=f"{row['best_fitness_so_far']:.3f}")
             bar.update(1)
         bar.close()
@@ -157,12 +162,19 @@ def search(
     workdir: str | Path,
     progress: bool = True,
     outputs: bool = True,
+    model: LoadedModel | None = None,
 ) -> dict:
-    """The whole job: prepare, run (or resume) the generations, write the outputs."""
+    """The whole job: prepare, run (or resume) the generations, write the outputs.
+    `model`: search this one instead of `run.model` (e.g. your own linen model,
+    `LoadedModel.from_module`; see `prepare_model`)."""
     from tmpq_jax.search.outputs import write_outputs
 
     workdir = Path(workdir)
-    setup = prepare(run, workdir, progress)
+    progress = progress and is_main_process()  # one progress bar for all processes
+    if model is None:
+        setup = prepare(run, workdir, progress)
+    else:
+        setup = prepare_model(run, model, workdir, progress=progress)
     state = run_generations(setup, workdir, progress)
     if not outputs:
         return {}

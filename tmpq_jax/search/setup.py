@@ -9,6 +9,7 @@ the BitOPs budget (refused before any work when no genome of the box can meet it
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -27,6 +28,7 @@ from tmpq_jax.quant.registry import LayerRegistry, unet_registry
 from tmpq_jax.quant.supernet import QParams
 from tmpq_jax.sampling import LoadedModel, load_model
 from tmpq_jax.search import budget as budget_lib
+from tmpq_jax.search import sharding
 from tmpq_jax.search.config import SearchRunConfig
 from tmpq_jax.search.engine import Engine
 from tmpq_jax.search.fitness import Assets, Problem
@@ -69,6 +71,12 @@ def resolve_qparams(run: SearchRunConfig, lm, registry, workdir: Path, progress:
         except UserError:
             continue
     path = workdir / "calibration"
+    if jax.process_count() > 1:  # every process would write its own calibration
+        raise UserError(
+            f"no calibration for this model and candidates {list(cands)}: run "
+            f"`tmpq calibrate --out DIR --candidates {','.join(map(str, cands))}` in "
+            "one process first, then pass --config.calibration=DIR."
+        )
     print(f"no calibration for this model and candidates {list(cands)}: calibrating")
     qparams, info = calibrate(
         lm,
@@ -86,13 +94,36 @@ def resolve_qparams(run: SearchRunConfig, lm, registry, workdir: Path, progress:
 
 def prepare(run: SearchRunConfig, workdir: Path, progress: bool = True) -> Setup:
     """Loads the model, feature net, statistics and calibration named by `run`."""
-    cfg = run.search
     lm = load_model(run.model)
-    registry = unet_registry(lm.config)
+    return prepare_model(run, lm, workdir, unet_registry(lm.config), progress)
+
+
+def prepare_model(
+    run: SearchRunConfig,
+    lm: LoadedModel,
+    workdir: str | Path,
+    registry: LayerRegistry | None = None,
+    progress: bool = True,
+) -> Setup:
+    """`prepare` for a model in hand, e.g. your own linen model wrapped by
+    `LoadedModel.from_module` (`run.model` is not read). `registry`: default, the
+    model's layers traced at batch 1. The feature net must take the model's images;
+    the calibration is `run.calibration`, else one kept in `workdir`, else made."""
+    cfg, workdir = run.search, Path(workdir)
+    registry = registry if registry is not None else lm.layer_registry()
     # The budget is checked before any loading or calibration work.
     space = GenomeSpace.build(cfg, registry, lm.diffusion.num_timesteps)
     budget_lib.check_budget(space, registry, _budget(cfg, registry))
     net = load_feature_net(run.feature_net)
+    c = lm.config
+    shape = (c.image_size, c.image_size, c.channels)
+    if shape != tuple(net.image_shape):
+        raise UserError(
+            f"the model makes {'x'.join(map(str, shape))} images but the feature net "
+            f"{net.path} takes {'x'.join(map(str, net.image_shape))}; make images of "
+            "that shape, or pass feature_net=DIR: a classifier for yours, with its "
+            "ref_stats.npz."
+        )
     stats = load_reference_stats(Path(net.path) / REF_STATS_FILE, net)
     qparams, calib_path = resolve_qparams(run, lm, registry, workdir, progress)
     return build_setup(run, lm, registry, qparams, calib_path, net, stats)
@@ -112,8 +143,10 @@ def build_setup(
     calibration_path: Path | None,
     net: FeatureNet,
     stats: dict,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Setup:
-    """A `Setup` from loaded parts (tests build tiny ones this way)."""
+    """A `Setup` from loaded parts (tests build tiny ones this way), placed on
+    `devices` (default: every device of every process)."""
     cfg = run.search
     space = GenomeSpace.build(cfg, registry, lm.diffusion.num_timesteps)
     budget = _budget(cfg, registry)
@@ -124,6 +157,8 @@ def build_setup(
                 f"search.{name}={getattr(cfg, name)}: FID needs more samples than the "
                 f"{net.feature_dim} feature dims; use at least {net.feature_dim + 1}."
             )
+    static_ranges = qparams is not None and qparams.act_bound is not None
+    mesh = sharding.search_mesh(cfg, devices, static_ranges)
     c = lm.config
     noise = jax.random.normal(
         jax.random.key(NOISE_STREAM),
@@ -140,9 +175,16 @@ def build_setup(
         noise=noise,
     )
     problem = Problem(
-        lm.model, registry, space, cfg.candidates, cfg.candidate_chunk, cfg.sample_chunk
+        lm.model,
+        registry,
+        space,
+        cfg.candidates,
+        cfg.candidate_chunk,
+        cfg.sample_chunk,
+        cfg.conv_jnp_dtype,
     )
-    engine = Engine(cfg, problem, make_strategy(cfg, space), budget)
+    assets = sharding.replicate(assets, mesh)
+    engine = Engine(cfg, problem, make_strategy(cfg, space), budget, mesh)
     return Setup(
         run, lm, registry, qparams, calibration_path, engine, assets, budget, stats
     )

@@ -1,0 +1,403 @@
+"""The search against the hardware and its own alternatives (issue [5/7]).
+
+Every comparison's two sides are timed in this one process, on the shipped model
+and the paper protocol's shapes (S = 2000 samples a candidate, N = 10 steps):
+
+  * layouts: P = 8, 16, 50 candidates evaluated (samples + FID) in chunks of c
+    vmapped genomes, c = 1 (one candidate at a time through one jitted function)
+    up to c = P (the whole population vmapped). One compiled program per chunk
+    size serves every P; chunks are dispatched back to back (asynchronously, the
+    device never waits for the host), as `lax.map(batch_size=c)` runs them;
+  * the plain full-precision forward of the same model on the same images;
+  * the weights quantized at every step (`quantized_apply`, the fake-quant path)
+    against frozen once per genome (`export.freeze` + SERVE), and float32 against
+    bfloat16 integer convolutions;
+  * bits as compile-time constants, recompiled for every genome (the naive JAX
+    way) against the traced genome;
+  * achieved FLOP/s (FLOPs from the layer registry) against a bf16 matmul ceiling
+    measured here;
+  * peak memory of the chunked program against chunk size (XLA's memory analysis);
+  * sampling: FP 100-step DDIM, the searched genome fake-quant and served int8.
+
+  python -m benchmarks.perf                      # everything, on the GPU
+  python -m benchmarks.perf --samples 64 --pops 4 --chunks 1,4 --quick   # CPU smoke
+
+Writes benchmarks/results/perf.json (merging the PyTorch-eager ratio from
+torch_eager.json and the paper search's wall time from `--search-result`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import RESULTS, provenance, time_fn, write_json
+from tmpq_jax.config import load_config
+from tmpq_jax.diffusion.samplers import ddim_sample
+from tmpq_jax.diffusion.schedules import quad_timesteps, uniform_timesteps
+from tmpq_jax.genome_file import read_genome
+from tmpq_jax.quant import export
+from tmpq_jax.quant.supernet import quantized_apply
+from tmpq_jax.search import SearchRunConfig, prepare
+
+REPO = Path(__file__).resolve().parent.parent
+GENOME = REPO / "docs" / "search_w6a6_seed0_result.json"
+GiB = 2**30
+LATENCY_MODES = ("fp32_ddim100", "searched_fake_quant", "searched_int8_serve_bf16")
+
+
+def _setup(samples: int, conv_dtype: str):
+    cd = load_config(str(REPO / "configs" / "fmnist_search.py"), [])
+    cd.search.num_samples = samples
+    cd.search.conv_dtype = conv_dtype
+    run = SearchRunConfig.from_configdict(cd)
+    return prepare(run, REPO / "runs" / "perf", progress=False)
+
+
+def _genomes(setup, p: int, seed: int = 0) -> jax.Array:
+    return setup.space.random(jax.random.key(seed), p)
+
+
+def _chunk_fn(problem, conv_dtype):
+    """fid of c vmapped genomes: the body `lax.map(batch_size=c)` runs per chunk."""
+    prob = dataclasses.replace(problem, conv_dtype=conv_dtype)
+    return jax.jit(jax.vmap(prob.fid, in_axes=(None, 0)))
+
+
+def _run_chunks(fn, assets, genomes, c: int):
+    outs = [fn(assets, genomes[i : i + c]) for i in range(0, genomes.shape[0], c)]
+    return jnp.concatenate(outs)
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+    return dict(temp_bytes=int(m.temp_size_in_bytes), peak_bytes=int(total))
+
+
+def _name(c: int, p: int) -> str:
+    return "one_at_a_time" if c == 1 else ("vmap_all" if c == p else "chunked")
+
+
+def layouts(setup, pops, chunks, fits_bytes, repeats, into: dict) -> dict:
+    """Sample-steps/s per (P, chunk) and peak memory per chunk size, appended to
+    `into` ({"rows": [], "memory": []}) as they come, so a cut-off run keeps them.
+    Each chunk size compiles once (chunks should divide every P)."""
+    problem, assets = setup.engine.problem, setup.assets
+    work = assets.noise.shape[0] * problem.space.num_steps  # sample-steps a genome
+    rows, memory = into.setdefault("rows", []), into.setdefault("memory", [])
+    for c in chunks:
+        compiled = (
+            _chunk_fn(problem, problem.conv_dtype)
+            .lower(assets, _genomes(setup, c))
+            .compile()
+        )
+        memory.append(dict(chunk=c, **_memory(compiled)))
+        print(memory[-1], flush=True)
+        for p in [p for p in pops if c <= p and p % c == 0]:
+            row = dict(P=p, chunk=c, layout=_name(c, p))
+            if memory[-1].get("peak_bytes", 0) > fits_bytes:
+                rows.append(dict(row, skipped="does not fit in device memory"))
+                continue
+            g = _genomes(setup, p)
+            t = time_fn(_run_chunks, compiled, assets, g, c, repeats=repeats)
+            rows.append(dict(row, seconds=t, sample_steps_per_s=p * work / t))
+            print(rows[-1], flush=True)
+    return into
+
+
+def _ddim(eps, sched, timesteps):
+    ts = jnp.asarray(timesteps, jnp.int32)
+    return lambda x: ddim_sample(jax.random.key(0), eps, x, ts, sched)
+
+
+def fp_rate(setup, repeats) -> float:
+    """Plain float32 forward sampling of the same S images, the same 10 steps:
+    sample-steps/s."""
+    lm, assets, n = setup.lm, setup.assets, setup.space.num_steps
+    run = jax.jit(
+        lambda params, x: _ddim(
+            lambda x, t: lm.model.apply({"params": params}, x, t),
+            assets.sched,
+            quad_timesteps(n),
+        )(x)
+    )
+    return (
+        assets.noise.shape[0]
+        * n
+        / time_fn(run, assets.params, assets.noise, repeats=repeats)
+    )
+
+
+def paths(setup, p: int, repeats) -> dict:
+    """One candidate at a time, P genomes: weights quantized at every step vs
+    frozen once per genome, float32 vs bfloat16 integer convs (sample-steps/s)."""
+    problem, assets = setup.engine.problem, setup.assets
+    work = assets.noise.shape[0] * problem.space.num_steps
+    g = _genomes(setup, p, seed=1)
+
+    def per_step(a, genome):  # the pre-[5/7] fitness: quantized_apply every step
+        d = problem.space.decode(genome)
+        eps = lambda x, t: quantized_apply(
+            problem.model,
+            {"params": a.params},
+            x,
+            t,
+            bits=d.bits,
+            registry=problem.registry,
+            qparams=a.qparams,
+            candidates=problem.candidates,
+        )
+        return _ddim(eps, a.sched, d.timesteps)(a.noise)
+
+    out = {}
+    fns = dict(
+        quantize_every_step_f32=jax.jit(per_step),
+        frozen_f32=jax.jit(dataclasses.replace(problem, conv_dtype=None).sample),
+        frozen_bf16=jax.jit(
+            dataclasses.replace(problem, conv_dtype=jnp.bfloat16).sample
+        ),
+    )
+    for name, fn in fns.items():
+        if name == "quantize_every_step_f32":
+            call = lambda fn=fn: [fn(assets, x) for x in g]
+        else:
+            call = lambda fn=fn: [fn(assets, x, assets.noise) for x in g]
+        out[name] = p * work / time_fn(call, repeats=repeats)
+        print(name, out[name], flush=True)
+    return out
+
+
+def static_recompile(setup, genomes: int) -> dict:
+    """Bits as compile-time constants (stock static-bit configs): every genome
+    compiles its own program. Seconds per genome, compile included."""
+    problem, assets = setup.engine.problem, setup.assets
+    g = np.asarray(_genomes(setup, genomes, seed=2))
+    times = []
+    for row in g:
+        d = problem.space.decode(jnp.asarray(row))
+        bits = jax.tree.map(np.asarray, d.bits)  # numpy: constants in the program
+        ts = np.asarray(d.timesteps)
+
+        def run(a, bits=bits, ts=ts):
+            eps = lambda x, t: quantized_apply(
+                problem.model,
+                {"params": a.params},
+                x,
+                t,
+                bits=bits,
+                registry=problem.registry,
+                qparams=a.qparams,
+                candidates=problem.candidates,
+            )
+            return _ddim(eps, a.sched, ts)(a.noise)
+
+        t0 = time.perf_counter()
+        jax.block_until_ready(jax.jit(run)(assets))
+        times.append(time.perf_counter() - t0)
+        print("static genome", times[-1], flush=True)
+    return dict(seconds_per_genome=float(np.mean(times)), genomes=genomes)
+
+
+def bf16_ceiling(n: int) -> float:
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    return 2 * n**3 / time_fn(f, a, a, repeats=5)
+
+
+def sampling(setup, batch: int, repeats) -> list:
+    """Images/s at `batch` and single-image latency: FP 100-step DDIM; the searched
+    genome (its 10 timesteps) fake-quant, and served from int8 (f32 / bf16 convs)."""
+    lm, reg, assets = setup.lm, setup.registry, setup.assets
+    genome = read_genome(GENOME, reg, num_timesteps=lm.diffusion.num_timesteps)
+    qm = export.convert(lm.params, reg, genome.bits, assets.qparams, genome.candidates)
+    fake = lambda x, t: quantized_apply(
+        lm.model,
+        {"params": lm.params},
+        x,
+        t,
+        bits=genome.bits,
+        registry=reg,
+        qparams=assets.qparams,
+        candidates=genome.candidates,
+    )
+    serve = lambda dt: (
+        lambda x, t: export.serve_apply(lm.model, qm, x, t, registry=reg, conv_dtype=dt)
+    )
+    fp = lambda x, t: lm.model.apply({"params": lm.params}, x, t)
+    modes = dict(
+        fp32_ddim100=(fp, uniform_timesteps(100)),
+        fp32_ddim10_quad=(fp, quad_timesteps(10)),
+        searched_fake_quant=(fake, genome.timesteps),
+        searched_int8_serve_f32=(serve(None), genome.timesteps),
+        searched_int8_serve_bf16=(serve(jnp.bfloat16), genome.timesteps),
+    )
+    rows = []
+    for name, (eps, ts) in modes.items():
+        run = jax.jit(_ddim(eps, assets.sched, ts))
+        x = jax.random.normal(jax.random.key(3), (batch, *assets.noise.shape[1:]))
+        t_big = time_fn(run, x, repeats=repeats)
+        t_one = None
+        if name in LATENCY_MODES:
+            t_one = time_fn(run, x[:1], repeats=max(repeats, 5))
+        rows.append(
+            dict(
+                mode=name,
+                steps=len(ts),
+                batch=batch,
+                images_per_s=batch / t_big,
+                latency_s=t_one,
+            )
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _section(raw: dict, name: str, fn, out: Path) -> None:
+    """Runs one measurement; a failure is recorded, not fatal, and what was measured
+    so far is written at once (a GPU call may be cut off at its time limit)."""
+    t0 = time.perf_counter()
+    try:
+        raw[name] = fn()
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON, run goes on
+        raw.setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"[:500]
+    except KeyboardInterrupt:  # the call's time limit: keep what was measured
+        raw.setdefault(name, {})["error"] = "interrupted"
+        write_json(out.name, summarize(raw), out.parent)
+        raise
+    print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
+    write_json(out.name, summarize(raw), out.parent)
+
+
+def _ok(v) -> bool:
+    return v is not None and not (isinstance(v, dict) and "error" in v)
+
+
+def summarize(raw: dict) -> dict:
+    """The issue's keys, derived from the raw measurements present."""
+    out = dict(raw)
+    fp, rows = raw.get("fp_sample_steps_per_s"), raw.get("layout_measurements")
+    timed = [r for r in (rows or {}).get("rows", []) if "sample_steps_per_s" in r]
+    if rows:
+        out["layouts"], out["memory"] = rows.get("rows", []), rows.get("memory", [])
+    if timed:
+        best = max(timed, key=lambda r: r["sample_steps_per_s"])
+        out["best_layout"] = best
+        if _ok(fp):
+            out["quant_vs_fp_throughput"] = best["sample_steps_per_s"] / fp
+        flops = raw["shapes"]["flops_per_sample_step"] * best["sample_steps_per_s"]
+        out["achieved_flops_per_s"] = flops
+        if _ok(raw.get("bf16_ceiling_flops_per_s")):
+            out["flops_fraction_of_bf16_ceiling"] = (
+                flops / raw["bf16_ceiling_flops_per_s"]
+            )
+    paths_, static = (
+        raw.get("paths_sample_steps_per_s"),
+        raw.get("static_aqt_recompile"),
+    )
+    if _ok(paths_) and _ok(static):
+        work = raw["shapes"]["samples"] * raw["shapes"]["steps"]
+        fastest = max(paths_.values())
+        out["traced_seconds_per_candidate"] = work / fastest
+        out["vs_static_aqt_recompile"] = static["seconds_per_genome"] / (work / fastest)
+    torch_file = RESULTS / "torch_eager.json"
+    if torch_file.is_file():
+        out["vs_torch_eager"] = json.loads(torch_file.read_text()).get(
+            "ratio_ours_over_torch"
+        )
+        out["vs_torch_eager_source"] = "benchmarks/results/torch_eager.json"
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--pops", default="8,16,40")
+    ap.add_argument("--chunks", default="1,2,4,8")
+    ap.add_argument("--fits-gib", type=float, default=60.0)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--static-genomes", type=int, default=2)
+    ap.add_argument("--ceiling-n", type=int, default=8192)
+    ap.add_argument("--sampling-batch", type=int, default=2000)
+    ap.add_argument(
+        "--search-table",
+        help="add paper_search_wall_s (the joint W6A6 row's wall time, setup, "
+        "compile and re-scoring included) from a search_table.json to an existing "
+        "--out (no measuring)",
+    )
+    ap.add_argument("--out", default=str(RESULTS / "perf.json"))
+    ap.add_argument(
+        "--resume",
+        help="a partial perf.json: keep its measured sections, run the rest",
+    )
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    if a.search_table:
+        raw = json.loads(out.read_text())
+        table = json.loads(Path(a.search_table).read_text())
+        rows = [
+            r
+            for r in table["rows"]
+            if r["method"] == "joint" and r["budget"] == "w6a6" and r["seed"] == 0
+        ]
+        raw["paper_search_wall_s"] = rows[-1]["wall_s"]
+        raw["paper_search"] = {k: table.get(k) for k in ("device", "date", "command")}
+        write_json(out.name, summarize(raw), out.parent)
+        return
+    pops = [int(v) for v in a.pops.split(",")]
+    chunks = [int(v) for v in a.chunks.split(",")]
+    t0 = time.perf_counter()
+    setup = _setup(a.samples, "float32")
+    problem = setup.engine.problem
+    raw = dict(
+        provenance(),
+        shapes=dict(
+            samples=a.samples,
+            steps=problem.space.num_steps,
+            image=list(setup.assets.noise.shape[1:]),
+            flops_per_sample_step=2.0 * float(np.sum(setup.registry.macs)),
+        ),
+        conv_dtype=str(problem.conv_dtype),
+    )
+    sections = dict(
+        fp_sample_steps_per_s=lambda: fp_rate(setup, a.repeats),
+        bf16_ceiling_flops_per_s=lambda: bf16_ceiling(a.ceiling_n),
+        paths_sample_steps_per_s=lambda: paths(setup, min(pops), a.repeats),
+        static_aqt_recompile=lambda: static_recompile(setup, a.static_genomes),
+        layout_measurements=lambda: layouts(
+            setup,
+            pops,
+            chunks,
+            a.fits_gib * GiB,
+            a.repeats,
+            raw.setdefault("layout_measurements", {}),
+        ),
+        sampling=lambda: sampling(setup, a.sampling_batch, a.repeats),
+    )
+    if a.resume:  # sections measured by an earlier (cut-off) call, same device
+        done = json.loads(Path(a.resume).read_text())
+        for name in sections:
+            if _ok(done.get(name)):
+                raw[name] = done[name]
+        raw["resumed_from"] = done.get("command")
+    for name, fn in sections.items():
+        if name not in raw:
+            _section(raw, name, fn, out)
+    raw["wall_s"] = time.perf_counter() - t0
+    final = summarize(raw)
+    write_json(out.name, final, out.parent)
+    brief = {k: v for k, v in final.items() if not isinstance(v, (list, dict))}
+    print(json.dumps(brief, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
