@@ -3,9 +3,10 @@
 Every comparison's two sides are timed in this one process, on the shipped model
 and the paper protocol's shapes (S = 2000 samples a candidate, N = 10 steps):
 
-  * layouts: P = 8, 16, 50 candidates evaluated (samples + FID) in chunks of c
-    vmapped genomes, c = 1 (one candidate at a time through one jitted function)
-    up to c = P (the whole population vmapped). One compiled program per chunk
+  * layouts: P = 8, 16, 40 candidates (40: what a paper generation evaluates),
+    samples + FID, in chunks of c vmapped genomes, c = 1 (one candidate at a time
+    through one jitted function) up to c = P (the whole population vmapped; pass
+    it in --chunks). One compiled program per chunk
     size serves every P; chunks are dispatched back to back (asynchronously, the
     device never waits for the host), as `lax.map(batch_size=c)` runs them;
   * the plain full-precision forward of the same model on the same images;
@@ -20,10 +21,12 @@ and the paper protocol's shapes (S = 2000 samples a candidate, N = 10 steps):
   * sampling: FP 100-step DDIM, the searched genome fake-quant and served int8.
 
   python -m benchmarks.perf                      # everything, on the GPU
-  python -m benchmarks.perf --samples 64 --pops 4 --chunks 1,4 --quick   # CPU smoke
+  python -m benchmarks.perf --samples 136 --pops 4 --chunks 1,4 --repeats 1 \
+      --static-genomes 1 --ceiling-n 256 --sampling-batch 2 --out /tmp/p.json  # CPU
+  python -m benchmarks.perf --resume benchmarks/results/perf.json  # missing parts
 
-Writes benchmarks/results/perf.json (merging the PyTorch-eager ratio from
-torch_eager.json and the paper search's wall time from `--search-result`).
+Writes benchmarks/results/perf.json after every section (merging the PyTorch-eager
+ratio from torch_eager.json); `--search-table` adds the paper search's wall time.
 """
 
 from __future__ import annotations
@@ -65,10 +68,9 @@ def _genomes(setup, p: int, seed: int = 0) -> jax.Array:
     return setup.space.random(jax.random.key(seed), p)
 
 
-def _chunk_fn(problem, conv_dtype):
+def _chunk_fn(problem):
     """fid of c vmapped genomes: the body `lax.map(batch_size=c)` runs per chunk."""
-    prob = dataclasses.replace(problem, conv_dtype=conv_dtype)
-    return jax.jit(jax.vmap(prob.fid, in_axes=(None, 0)))
+    return jax.jit(jax.vmap(problem.fid, in_axes=(None, 0)))
 
 
 def _run_chunks(fn, assets, genomes, c: int):
@@ -96,11 +98,7 @@ def layouts(setup, pops, chunks, fits_bytes, repeats, into: dict) -> dict:
     work = assets.noise.shape[0] * problem.space.num_steps  # sample-steps a genome
     rows, memory = into.setdefault("rows", []), into.setdefault("memory", [])
     for c in chunks:
-        compiled = (
-            _chunk_fn(problem, problem.conv_dtype)
-            .lower(assets, _genomes(setup, c))
-            .compile()
-        )
+        compiled = _chunk_fn(problem).lower(assets, _genomes(setup, c)).compile()
         memory.append(dict(chunk=c, **_memory(compiled)))
         print(memory[-1], flush=True)
         for p in [p for p in pops if c <= p and p % c == 0]:
@@ -318,6 +316,20 @@ def summarize(raw: dict) -> dict:
     return out
 
 
+def add_paper_search(out: Path, table_file: Path) -> None:
+    """paper_search_wall_s from a search_table.json's joint W6A6 seed-0 row."""
+    raw = json.loads(out.read_text())
+    table = json.loads(table_file.read_text())
+    rows = [
+        r
+        for r in table["rows"]
+        if r["method"] == "joint" and r["budget"] == "w6a6" and r["seed"] == 0
+    ]
+    raw["paper_search_wall_s"] = rows[-1]["wall_s"]
+    raw["paper_search"] = {k: table.get(k) for k in ("device", "date", "command")}
+    write_json(out.name, summarize(raw), out.parent)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000)
@@ -342,16 +354,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     out = Path(a.out)
     if a.search_table:
-        raw = json.loads(out.read_text())
-        table = json.loads(Path(a.search_table).read_text())
-        rows = [
-            r
-            for r in table["rows"]
-            if r["method"] == "joint" and r["budget"] == "w6a6" and r["seed"] == 0
-        ]
-        raw["paper_search_wall_s"] = rows[-1]["wall_s"]
-        raw["paper_search"] = {k: table.get(k) for k in ("device", "date", "command")}
-        write_json(out.name, summarize(raw), out.parent)
+        add_paper_search(out, Path(a.search_table))
         return
     pops = [int(v) for v in a.pops.split(",")]
     chunks = [int(v) for v in a.chunks.split(",")]

@@ -108,21 +108,6 @@ def _concrete_bits(bits: QuantBits) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(bits.w_bits), np.asarray(bits.a_bits)
 
 
-def _selected_bounds(registry, w, a, qparams: QParams | None) -> jax.Array | None:
-    """f32[L, 2]: each operand's calibrated bound at the genome's width, selected
-    as the supernet selects it (an exact copy of one stored float)."""
-    if qparams is None or qparams.act_bound is None:
-        return None
-    table = np.asarray(qparams.act_bound)
-    out = np.zeros((len(registry), 2), np.float32)
-    for i, layer in enumerate(registry):
-        left = layer.pinned_lhs_bits or int(a[i])
-        out[i, 0] = table[i, 0, qparams.width_index(left)]
-        if layer.kind == "matmul":
-            out[i, 1] = table[i, 1, qparams.width_index(int(w[i]))]
-    return jnp.asarray(out)
-
-
 def freeze(
     params: Any,
     registry: LayerRegistry,
@@ -165,14 +150,7 @@ def freeze(
     )
 
 
-@jax.jit
-def _convert_kernels(kernels, w_bits, clips):
-    """All kernels at once (one compile per model; the bits are traced, as in the
-    supernet): [(qvalue int8, scale f32[C_out])]."""
-    return [
-        numerics.convert_weight(k, numerics.WeightQuant(b, c))
-        for k, b, c in zip(kernels, w_bits, clips, strict=True)
-    ]
+_freeze = jax.jit(freeze, static_argnums=1)  # one compile per model: bits traced
 
 
 def convert(
@@ -187,35 +165,33 @@ def convert(
     check_bits(bits, registry, candidates)
     if qparams is not None:
         check_qparams(qparams, registry, candidates)
-    w, a = _concrete_bits(bits)
-    convs = [(i, layer) for i, layer in enumerate(registry) if layer.kind != "matmul"]
-    kernels, clips = [], []
-    for i, layer in convs:
-        try:
-            kernels.append(jnp.asarray(_get(params, layer.path)["kernel"]))
-        except (KeyError, TypeError):
+    _concrete_bits(bits)
+    for layer in registry:
+        if layer.kind != "matmul" and not _has_kernel(params, layer.path):
             raise UserError(
                 f"params have no kernel for layer {layer.name!r}; convert the "
                 "'params' collection of the model the registry was built for."
-            ) from None
-        clip = None
-        if qparams is not None and qparams.w_clip is not None:
-            clip = qparams.w_clip[i][qparams.width_index(int(w[i]))]
-        clips.append(clip)
-    w_bits = [jnp.asarray(w[i], jnp.int32) for i, _ in convs]
-    frozen = _convert_kernels(kernels, w_bits, clips)
-    new_params, scales = _copy(params), {}
-    for (i, layer), (qvalue, scale) in zip(convs, frozen, strict=True):
+            )
+    bits = QuantBits(
+        jnp.asarray(bits.w_bits, jnp.int32), jnp.asarray(bits.a_bits, jnp.int32)
+    )
+    qmodel = _freeze(params, registry, bits, qparams)
+    w = np.asarray(bits.w_bits)
+    for i, layer in enumerate(registry):
+        if layer.kind == "matmul":
+            continue
+        qvalue = _get(qmodel.variables["params"], layer.path)["kernel"]
         bound = 2 ** (int(w[i]) - 1) - 1
         if qvalue.dtype != jnp.int8 or int(jnp.max(jnp.abs(qvalue))) > bound:
             raise AssertionError(f"{layer.name}: AQT CONVERT left int8 +-{bound}")
-        _get(new_params, layer.path)["kernel"] = qvalue
-        _set_in(scales, layer.path, "scale", scale)
-    return QuantizedModel(
-        variables={"params": new_params, COLLECTION: scales},
-        bits=QuantBits(jnp.asarray(w, jnp.int32), jnp.asarray(a, jnp.int32)),
-        act_bound=_selected_bounds(registry, w, a, qparams),
-    )
+    return qmodel
+
+
+def _has_kernel(params: Any, path: Sequence[str]) -> bool:
+    try:
+        return "kernel" in _get(params, path)
+    except (KeyError, TypeError):
+        return False
 
 
 # ----------------------------------------------------------------------------

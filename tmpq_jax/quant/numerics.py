@@ -353,32 +353,17 @@ def _integer_conv(act: ActQuant, qvalue: jax.Array, scale: jax.Array, conv_dtype
     partial sums stay below 2**24 (in practice everywhere), at bf16 speed. Scales
     are applied afterwards in AQT's order (activation scale, then kernel scale)."""
 
-    def fn(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation=None,
-        rhs_dilation=None,
-        dimension_numbers=None,
-        feature_group_count=1,
-        batch_group_count=1,
-        precision=None,
-        preferred_element_type=None,
-    ):
-        del rhs, precision, preferred_element_type
+    def fn(lhs, rhs, window_strides, padding, **conv_kwargs):
+        del rhs  # the frozen kernel replaces it
+        conv_kwargs.pop("precision", None)
+        conv_kwargs["preferred_element_type"] = jnp.float32
         lhs_qt = _quant(lhs, act, None)
         out = lax.conv_general_dilated(
             lhs_qt.qvalue.astype(conv_dtype),
             qvalue.astype(conv_dtype),
             window_strides,
             padding,
-            lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count,
-            batch_group_count=batch_group_count,
-            preferred_element_type=jnp.float32,
+            **conv_kwargs,
         )
         out = out * lhs_qt.scale[0]
         shape = (1,) * (out.ndim - 1) + (scale.shape[-1],)
