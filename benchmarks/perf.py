@@ -24,6 +24,7 @@ and the paper protocol's shapes (S = 2000 samples a candidate, N = 10 steps):
   python -m benchmarks.perf --samples 136 --pops 4 --chunks 1,4 --repeats 1 \
       --static-genomes 1 --ceiling-n 256 --sampling-batch 2 --out /tmp/p.json  # CPU
   python -m benchmarks.perf --resume benchmarks/results/perf.json  # missing parts
+  python -m benchmarks.perf --resume benchmarks/results/perf.json --only sampling
 
 Writes benchmarks/results/perf.json after every section (merging the PyTorch-eager
 ratio from torch_eager.json); `--search-table` adds the paper search's wall time.
@@ -53,7 +54,7 @@ from tmpq_jax.search import SearchRunConfig, prepare
 REPO = Path(__file__).resolve().parent.parent
 GENOME = REPO / "docs" / "search_w6a6_seed0_result.json"
 GiB = 2**30
-LATENCY_MODES = ("fp32_ddim100", "searched_fake_quant", "searched_int8_serve_bf16")
+LATENCY_MODES = ("fp32_ddim100", "searched_fake_quant", "searched_int8_serve_f32")
 
 
 def _setup(samples: int, conv_dtype: str):
@@ -212,41 +213,58 @@ def bf16_ceiling(n: int) -> float:
     return 2 * n**3 / time_fn(f, a, a, repeats=5)
 
 
-def sampling(setup, batch: int, repeats) -> list:
+def sampling(setup, batch: int, repeats, rows: list) -> list:
     """Images/s at `batch` and single-image latency: FP 100-step DDIM; the searched
-    genome (its 10 timesteps) fake-quant, and served from int8 (f32 / bf16 convs)."""
+    genome (its 10 timesteps) fake-quant, and served from int8 (f32 / bf16 convs).
+    Rows are appended to `rows` as measured (kept if the call is cut off)."""
     lm, reg, assets = setup.lm, setup.registry, setup.assets
     genome = read_genome(GENOME, reg, num_timesteps=lm.diffusion.num_timesteps)
     qm = export.convert(lm.params, reg, genome.bits, assets.qparams, genome.candidates)
-    fake = lambda x, t: quantized_apply(
-        lm.model,
-        {"params": lm.params},
-        x,
-        t,
-        bits=genome.bits,
-        registry=reg,
-        qparams=assets.qparams,
-        candidates=genome.candidates,
+    # Weights and calibration are jit arguments, as `tmpq sample` passes them
+    # (the last mode closes over the int8 weights as constants instead).
+    fake = lambda v, q: (
+        lambda x, t: quantized_apply(
+            lm.model,
+            {"params": v},
+            x,
+            t,
+            bits=genome.bits,
+            registry=reg,
+            qparams=q,
+            candidates=genome.candidates,
+        )
     )
     serve = lambda dt: (
-        lambda x, t: export.serve_apply(lm.model, qm, x, t, registry=reg, conv_dtype=dt)
+        lambda v, q: (
+            lambda x, t: export.serve_apply(
+                lm.model, v, x, t, registry=reg, conv_dtype=dt
+            )
+        )
     )
-    fp = lambda x, t: lm.model.apply({"params": lm.params}, x, t)
+    fp = lambda v, q: lambda x, t: lm.model.apply({"params": v}, x, t)
+    p, q = lm.params, assets.qparams
     modes = dict(
-        fp32_ddim100=(fp, uniform_timesteps(100)),
-        fp32_ddim10_quad=(fp, quad_timesteps(10)),
-        searched_fake_quant=(fake, genome.timesteps),
-        searched_int8_serve_f32=(serve(None), genome.timesteps),
-        searched_int8_serve_bf16=(serve(jnp.bfloat16), genome.timesteps),
+        fp32_ddim100=(fp, p, uniform_timesteps(100)),
+        searched_fake_quant=(fake, p, genome.timesteps),
+        searched_int8_serve_f32=(serve(None), qm, genome.timesteps),
+        searched_int8_serve_bf16=(serve(jnp.bfloat16), qm, genome.timesteps),
+        fp32_ddim10_quad=(fp, p, quad_timesteps(10)),
+        # the int8 weights as compile-time constants (closed over), for contrast
+        searched_int8_serve_f32_closed_over=(
+            lambda v, q: serve(None)(qm, q),
+            None,
+            genome.timesteps,
+        ),
     )
-    rows = []
-    for name, (eps, ts) in modes.items():
-        run = jax.jit(_ddim(eps, assets.sched, ts))
+    for name, (eps, v, ts) in modes.items():
+        run = jax.jit(
+            lambda v, q, x, eps=eps, ts=ts: _ddim(eps(v, q), assets.sched, ts)(x)
+        )
         x = jax.random.normal(jax.random.key(3), (batch, *assets.noise.shape[1:]))
-        t_big = time_fn(run, x, repeats=repeats)
+        t_big = time_fn(run, v, q, x, repeats=repeats)
         t_one = None
         if name in LATENCY_MODES:
-            t_one = time_fn(run, x[:1], repeats=max(repeats, 5))
+            t_one = time_fn(run, v, q, x[:1], repeats=max(repeats, 5))
         rows.append(
             dict(
                 mode=name,
@@ -260,6 +278,13 @@ def sampling(setup, batch: int, repeats) -> list:
     return rows
 
 
+def _error(raw: dict, name: str, message: str) -> None:
+    if isinstance(raw.get(name), list):  # rows measured so far stay as they are
+        raw[f"{name}_error"] = message
+    else:
+        raw.setdefault(name, {})["error"] = message
+
+
 def _section(raw: dict, name: str, fn, out: Path) -> None:
     """Runs one measurement; a failure is recorded, not fatal, and what was measured
     so far is written at once (a GPU call may be cut off at its time limit)."""
@@ -267,9 +292,9 @@ def _section(raw: dict, name: str, fn, out: Path) -> None:
     try:
         raw[name] = fn()
     except Exception as e:  # noqa: BLE001 - recorded in the JSON, run goes on
-        raw.setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"[:500]
+        _error(raw, name, f"{type(e).__name__}: {e}"[:500])
     except KeyboardInterrupt:  # the call's time limit: keep what was measured
-        raw.setdefault(name, {})["error"] = "interrupted"
+        _error(raw, name, "interrupted")
         write_json(out.name, summarize(raw), out.parent)
         raise
     print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
@@ -351,6 +376,11 @@ def main(argv=None) -> None:
         "--resume",
         help="a partial perf.json: keep its measured sections, run the rest",
     )
+    ap.add_argument(
+        "--only",
+        help="with --resume: run just these sections (comma-separated), keep the "
+        "others as they are in the resumed file (measured or not)",
+    )
     a = ap.parse_args(argv)
     out = Path(a.out)
     if a.search_table:
@@ -384,14 +414,24 @@ def main(argv=None) -> None:
             a.repeats,
             raw.setdefault("layout_measurements", {}),
         ),
-        sampling=lambda: sampling(setup, a.sampling_batch, a.repeats),
+        sampling=lambda: sampling(
+            setup, a.sampling_batch, a.repeats, raw.setdefault("sampling", [])
+        ),
     )
+    only = set(a.only.split(",")) if a.only else None
+    if only and (only - set(sections) or not a.resume):
+        raise SystemExit(f"--only {a.only}: give sections of {list(sections)} "
+                         "with --resume")  # fmt: skip
     if a.resume:  # sections measured by an earlier (cut-off) call, same device
         done = json.loads(Path(a.resume).read_text())
         for name in sections:
-            if _ok(done.get(name)):
+            keep = name not in only if only else _ok(done.get(name))
+            if keep and name in done:
                 raw[name] = done[name]
         raw["resumed_from"] = done.get("command")
+        for key in ("paper_search_wall_s", "paper_search"):  # not measured here
+            if key in done:
+                raw[key] = done[key]
     for name, fn in sections.items():
         if name not in raw:
             _section(raw, name, fn, out)

@@ -7,12 +7,16 @@ zero-mean error mostly averages out over the steps; a bias does not: a negative
 eps bias brightens every x0 prediction (the black Fashion-MNIST background turns
 grey, which FID punishes), a positive one darkens it (clipped at -1, nearly free).
 
+With a bias-corrected calibration (`bias_correction.py`) every width is measured
+twice, without and with the stored corrections (`bias_corrected` in each row).
+
   python -m benchmarks.quant_bias [--samples 64] [--calibration DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -56,23 +60,26 @@ def main(argv=None) -> None:
     states, eps_fp = float_states(lm, x, quad_timesteps(10))
     ab = np.asarray(lm.sched.alphas_cumprod)
     rows = []
-    for b in cands:
-        bits = QuantBits.uniform(reg, b, b)
-        eps_q = jax.jit(
-            lambda x, t, bits=bits: quantized_apply(
-                lm.model,
-                {"params": lm.params},
-                x,
-                t,
-                bits=bits,
-                registry=reg,
-                qparams=qp,
-                candidates=cands,
-            )
+    variants = [(False, qp.replace(bias_corr=None))]
+    if qp.bias_corr is not None:
+        variants.append((True, qp))
+    eps_q = jax.jit(  # bits and calibration traced: one compile per structure
+        lambda x, t, bits, q: quantized_apply(
+            lm.model,
+            {"params": lm.params},
+            x,
+            t,
+            bits=bits,
+            registry=reg,
+            qparams=q,
+            candidates=cands,
         )
+    )
+    for b, (corrected, q) in itertools.product(cands, variants):
+        bits = QuantBits.uniform(reg, b, b)
         for xt, t in states:
             tt = jnp.full((xt.shape[0],), t)
-            ef, eq = eps_fp(xt, tt), eps_q(xt, tt)
+            ef, eq = eps_fp(xt, tt), eps_q(xt, tt, bits, q)
             d = np.asarray(eq - ef, np.float64)
             rel = float(np.sqrt((d**2).mean() / (np.asarray(ef) ** 2).mean()))
             bias = float(d.mean())
@@ -81,6 +88,7 @@ def main(argv=None) -> None:
             rows.append(
                 dict(
                     bits=f"W{b}A{b}",
+                    bias_corrected=corrected,
                     t=t,
                     rel_rms=rel,
                     mean_error=bias,

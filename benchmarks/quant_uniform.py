@@ -2,7 +2,7 @@
 
   python -m benchmarks.quant_uniform [--num-samples 10000] [--batch-size 2000]
       [--bits w8a8,w7a7,w6a6,w5a5,w4a8] [--steps 10q,100]
-      [--calibrations minmse,recon] [--candidates 8,7,6,5,4]
+      [--calibrations minmse,minmse_bc,recon,recon_bc] [--candidates 8,7,6,5,4]
       [--workdir runs/quant_uniform] [--recon-steps 300] [--out-dir DIR] [--out NAME]
   python -m benchmarks.quant_uniform --merge PART.json PART.json [--out-dir DIR]
 
@@ -15,18 +15,19 @@ over subsets), IS, class histogram, plus the RMS image difference to the FP
 samples of the same noise (gray levels) and the class agreement with them.
 
 Calibrations, once per kind for the whole candidate set (`--candidates`, which
-must hold every width in `--bits`), kept under `--workdir` and reused by a later
-call: `minmse` is `tmpq calibrate --candidates 8,7,6,5,4` (seed 0, 20 timesteps x
-32 samples); `recon` is the same followed by block reconstruction (`tmpq calibrate
---reconstruct`, through `benchmarks.quant_reconstruction.get_reconstruction`);
-`dynamic` (not by default) is no calibration: absmax ranges, no weight clipping.
-W4A8 takes the 4-bit weight and the 8-bit activation results of the same
-calibration (reconstruction fits each width for a whole block, WkAk).
+must hold every width in `--bits`), made by `tmpq_jax.quant.solver.solve` (what
+`tmpq calibrate` runs; seed 0, 20 timesteps x 32 samples), kept under `--workdir`
+and reused by a later call: `minmse` (min-MSE ranges only), `minmse_bc` (then
+bias correction), `recon` (min-MSE, then block reconstruction), `recon_bc`
+(then bias correction); `dynamic` (not by default) is no calibration: absmax
+ranges, no weight clipping. W4A8 takes the 4-bit weight and the 8-bit activation
+results of the same calibration (reconstruction fits each width for a whole
+block, WkAk; bias correction is stored for every (w, a) pair).
 
 One sampler is compiled per step setting for all the quantized rows (the bits and
 the calibration's arrays are traced arguments), one for FP. The JSON is rewritten
 after every row, so a run cut short keeps what it finished. Split a long table
-over calls (e.g. `--calibrations minmse`, then `--calibrations recon`, each with
+over calls (e.g. `--calibrations minmse`, then `--calibrations recon_bc`, each with
 its own `--out`) and join the parts with `--merge` (FP rows are kept once).
 """
 
@@ -36,7 +37,6 @@ import argparse
 import json
 import re
 import time
-import types
 from pathlib import Path
 
 import jax
@@ -47,15 +47,24 @@ from tmpq_jax.diffusion.samplers import ddim_sample
 from tmpq_jax.diffusion.schedules import timestep_schedule
 from tmpq_jax.errors import UserError
 from tmpq_jax.evaluation import FID_NAME, Evaluator
-from tmpq_jax.quant import QuantBits, calibrate, cost, unet_registry
+from tmpq_jax.quant import QuantBits, cost, unet_registry
 from tmpq_jax.quant import reconstruction as rc
-from tmpq_jax.quant.calibration import model_fingerprint
+from tmpq_jax.quant.bias_correction import bias_corrections
+from tmpq_jax.quant.calibration import calibration_set, model_fingerprint
 from tmpq_jax.quant.calibration_io import load_calibration, save_calibration
+from tmpq_jax.quant.solver import solve
 from tmpq_jax.quant.supernet import check_bits, check_candidates, quantized_apply
 from tmpq_jax.sampling import load_model
 
 NAME = "quant_uniform.json"
-CALIBRATIONS = ("minmse", "recon", "dynamic")
+# kind: (reconstruction on?, bias correction on?); "dynamic": no calibration
+CALIBRATIONS = {
+    "minmse": (False, False),
+    "minmse_bc": (False, True),
+    "recon": (True, False),
+    "recon_bc": (True, True),
+    "dynamic": None,
+}
 SCHEDULES = {"u": "uniform", "q": "quad"}
 GRAY_LEVEL = 2.0 / 255.0
 CALIB_SEED = 0  # as `tmpq calibrate` (its default --seed)
@@ -90,91 +99,88 @@ def parse_steps(spec: str) -> list[tuple[int, str]]:
 # Calibrations (kept in the workdir, reused when there).
 
 
-def _minmse(lm, reg, cands, path: Path, args) -> tuple:
+def _solve(lm, reg, cands, path: Path, steps: int, args) -> tuple:
+    """(QParams, settings, reused) without bias correction: the calibration at
+    `path`, else made there."""
     fp = model_fingerprint(lm.card)
     try:
         qp, meta = load_calibration(path, reg, cands, fp)
         print(f"reusing {path}", flush=True)
-        return qp, meta, True
+        return qp, meta["settings"], True
     except UserError:
         pass
-    qp, info = calibrate(
+    qp, settings, info = solve(
         lm,
-        jax.random.key(CALIB_SEED),
+        CALIB_SEED,
         cands,
         args.calib_timesteps,
         args.calib_samples,
-        progress=False,
+        reconstruct_steps=steps,
+        bias_correction=False,
         registry=reg,
+        progress=False,
     )
-    settings = {
-        "num_timesteps": args.calib_timesteps,
-        "num_samples": args.calib_samples,
-        "seed": CALIB_SEED,
-        "stage": rc.STAGE_MIN_MSE,
+    settings |= {
         "seconds": round(info["seconds"], 2),
         "device": jax.devices()[0].device_kind,
     }
     save_calibration(path, qp, reg, cands, settings, fp)
-    print(f"min-MSE calibration {info['seconds']:.1f} s -> {path}", flush=True)
-    return qp, {"settings": settings, "model_fingerprint": fp}, False
+    print(f"{path.name}: {info['seconds']:.1f} s", flush=True)
+    return qp, settings, False
+
+
+def _bias_corrected(lm, reg, qp, settings: dict) -> tuple:
+    """`qp` with bias corrections made on its own calibration set (as `solve`
+    makes them last), and settings saying so."""
+    t0 = time.perf_counter()
+    xs, ts = calibration_set(
+        lm,
+        jax.random.fold_in(jax.random.key(settings["seed"]), 0),
+        settings["num_timesteps"],
+        settings["num_samples"],
+    )
+    corr = bias_corrections(lm.model, lm.params, reg, qp, xs, ts)
+    seconds = time.perf_counter() - t0
+    print(f"bias correction: {seconds:.1f} s", flush=True)
+    settings = settings | {
+        "bias_correction": True,
+        "bias_correction_seconds": round(seconds, 2),
+        "seconds": round((settings.get("seconds") or 0.0) + seconds, 2),
+    }
+    return qp.replace(bias_corr=corr), settings
 
 
 def get_calibrations(lm, reg, cands, kinds, args) -> tuple[dict, dict]:
-    """({kind: QParams | None}, {kind: record for the JSON})."""
+    """({kind: QParams | None}, {kind: record for the JSON}). A `_bc` kind is its
+    base kind's calibration (made once) plus bias correction."""
     tag = f"c{''.join(map(str, cands))}-t{args.calib_timesteps}x{args.calib_samples}"
-    root = Path(args.workdir)
-    qps, records = {}, {}
-    if "dynamic" in kinds:
-        qps["dynamic"] = None
-        records["dynamic"] = {"what": "no calibration: absmax ranges, no clipping"}
-    if not {"minmse", "recon"} & set(kinds):
-        return qps, records
-    c_flag = ",".join(map(str, cands))
-    path = root / f"minmse-{tag}"
-    t0 = time.perf_counter()
-    qp, meta, reused = _minmse(lm, reg, cands, path, args)
-    s = meta["settings"]
-    if "minmse" in kinds:
-        qps["minmse"] = qp
-        records["minmse"] = {
-            "path": str(path),
-            "reused": reused,
-            "seconds": s.get("seconds"),
-            "wall_s_this_call": round(time.perf_counter() - t0, 2),
-            "settings": s,
-            "equivalent": f"tmpq calibrate --candidates {c_flag} "
-            f"--timesteps {s['num_timesteps']} --samples {s['num_samples']} "
-            f"--seed {s['seed']} --out DIR",
-        }
-    if "recon" in kinds:
-        rpath = root / f"recon{args.recon_steps}-{tag}"
+    qps, records, base = {}, {}, {}
+    for kind in kinds:
+        if kind == "dynamic":
+            qps[kind] = None
+            records[kind] = {"what": "no calibration: absmax ranges, no clipping"}
+            continue
+        recon, bc = CALIBRATIONS[kind]
+        steps = args.recon_steps if recon else 0
+        name = f"{'recon' if recon else 'minmse'}{steps or ''}-{tag}"
         t0 = time.perf_counter()
-        rargs = types.SimpleNamespace(recon=str(rpath), steps=args.recon_steps)
-        base = {
-            "candidates": list(cands),
-            "model_fingerprint": meta["model_fingerprint"],
-            "settings": {k: s[k] for k in ("num_timesteps", "num_samples", "seed")},
-        }
-        reused = (rpath / "calibration.json").is_file()
-        from benchmarks.quant_reconstruction import get_reconstruction
-
-        rq, rmeta = get_reconstruction(lm, reg, qp, base, rargs)
-        rset = rmeta["settings"]
-        if rset.get("reconstruct", {}).get("steps") != args.recon_steps:
-            raise SystemExit(f"{rpath}: made with other settings; delete it.")
-        qps["recon"] = rq
-        records["recon"] = {
-            "path": str(rpath),
+        if name not in base:
+            base[name] = _solve(lm, reg, cands, Path(args.workdir) / name, steps, args)
+        qp, settings, reused = base[name]
+        if bc:
+            qp, settings = _bias_corrected(lm, reg, qp, settings)
+        flags = f" --reconstruct --reconstruct-steps {steps}" if steps else ""
+        flags += " --bias-correction" if bc else ""
+        qps[kind] = qp
+        records[kind] = {
+            "path": str(Path(args.workdir) / name),
             "reused": reused,
-            "min_mse_seconds": s.get("seconds"),
-            "seconds": round(rmeta["seconds"], 2) if "seconds" in rmeta else None,
+            "seconds": settings.get("seconds"),
             "wall_s_this_call": round(time.perf_counter() - t0, 2),
-            "settings": rset,
-            "equivalent": f"tmpq calibrate --candidates {c_flag} "
-            f"--timesteps {s['num_timesteps']} --samples {s['num_samples']} "
-            f"--seed {s['seed']} --reconstruct --reconstruct-steps "
-            f"{args.recon_steps} --out DIR",
+            "settings": settings,
+            "equivalent": f"tmpq calibrate --candidates {','.join(map(str, cands))} "
+            f"--timesteps {args.calib_timesteps} --samples {args.calib_samples} "
+            f"--seed {CALIB_SEED}{flags} --out DIR",
         }
     return qps, records
 
@@ -210,7 +216,9 @@ class Samplers:
         self._fp, self._quant = jax.jit(fp), jax.jit(quant)
 
     def _get(self, name: str, fn, args):
-        key = (name, args[-2].shape[0])  # (kind, number of steps)
+        # kind, number of steps, and the arguments' structure (e.g. with or
+        # without bias corrections)
+        key = (name, args[-2].shape[0], str(jax.tree.structure(args)))
         if key not in self.compiled:
             t0 = time.perf_counter()
             self.compiled[key] = fn.lower(*args).compile()
@@ -228,6 +236,8 @@ class Samplers:
         else:
             args = (p, qparams, bits, ts)
             name = "dynamic" if qparams is None else "quantized"
+            if qparams is not None and qparams.bias_corr is not None:
+                name += "+bias_corr"
             fn = self._get(name, self._quant, (*args, noises[0]))
         t0 = time.perf_counter()
         outs = [fn(*args, x) for x in noises]  # all dispatched, then fetched
@@ -282,7 +292,7 @@ def main() -> None:
     ap.add_argument(
         "--steps", default="10q,100", help="step settings: 100 (uniform), 10q (quad)"
     )
-    ap.add_argument("--calibrations", default="minmse,recon")
+    ap.add_argument("--calibrations", default="minmse,minmse_bc,recon,recon_bc")
     ap.add_argument("--candidates", default="8,7,6,5,4", help="widths calibrated")
     ap.add_argument("--calib-timesteps", type=int, default=20)
     ap.add_argument("--calib-samples", type=int, default=32)
@@ -424,6 +434,8 @@ def merge(paths: list[str], out_dir: str | None, name: str = NAME) -> Path:
         for k in ("num_samples", "seed", "batch_size", "candidates"):
             if p[k] != parts[0][k]:
                 raise SystemExit(f"{path}: {k} {p[k]} differs from {parts[0][k]}")
+    # a part that is itself a merge brings its own parts' provenance
+    prov = [q for p in parts for q in p.get("parts") or [p]]
     rows, seen = [], set()
     for p in parts:
         for r in p["rows"]:
@@ -441,7 +453,7 @@ def merge(paths: list[str], out_dir: str | None, name: str = NAME) -> Path:
         "rows": rows,
         "parts": [
             {k: p[k] for k in ("device", "date", "command", "wall_s", "compile_s")}
-            for p in parts
+            for p in prov
         ],
     }
     return write_json(name, payload, out_dir or RESULTS)

@@ -141,7 +141,9 @@ def large_table(base: dict, large: dict, m_base: dict, m_large: dict) -> str:
 
 _CALIBRATIONS = {
     "minmse": "min-MSE",
+    "minmse_bc": "min-MSE + bias corr.",
     "recon": "reconstruction",
+    "recon_bc": "reconstruction + bias corr.",
     "dynamic": "none (dynamic absmax)",
 }
 
@@ -204,17 +206,17 @@ def quant_uniform_table(d: dict) -> str:
     cal = d.get("calibrations", {})
     c = ",".join(map(str, d["candidates"]))
     notes = []
-    if "minmse" in cal or "recon" in cal:
-        m = cal.get("minmse") or cal["recon"]
-        secs = m.get("seconds") if "minmse" in cal else m.get("min_mse_seconds")
-        notes.append(f"min-MSE calibration of widths {{{c}}}: {_secs(secs)}")
-    if "recon" in cal:
-        r = cal["recon"]["settings"]["reconstruct"]
-        notes.append(
-            f"block reconstruction on top ({r['steps']} Adam steps for each of "
-            f"{r['fits']} block x width fits, {r['fits_improved']} kept): "
-            f"{_secs(cal['recon']['seconds'])}"
-        )
+    for kind, record in cal.items():
+        settings = record.get("settings")
+        if not settings:  # dynamic: nothing was made
+            continue
+        what = f"{_CALIBRATIONS[kind]} of widths {{{c}}}"
+        if r := settings.get("reconstruct"):
+            what += (
+                f" ({r['steps']} Adam steps for each of {r['fits']} block x width "
+                f"fits, {r['fits_improved']} kept)"
+            )
+        notes.append(f"{what}: {_secs(record.get('seconds'))}")
     if notes:
         out += ["; ".join(notes) + ".", ""]
     parts = "; ".join(f"`{p['command']}`" for p in d.get("parts", [d]))
@@ -225,9 +227,65 @@ def quant_uniform_table(d: dict) -> str:
     return "\n".join(out)
 
 
+_SEARCH_CALIBRATIONS = {  # file tag -> label, as in _CALIBRATIONS
+    "minmse": "min-MSE (shipped)",
+    "minmse_bc": "min-MSE + bias corr.",
+    "recon_bc": "reconstruction + bias corr.",
+}
+
+
+def search_calibration_table() -> str | None:
+    """The W6A6 joint search under each calibration: paper_search_w6a6.json (the
+    shipped calibration, seed 0) and search_calibration/*.json."""
+    runs: dict[str, dict[int, tuple[dict, dict]]] = {}
+    files = sorted((RESULTS / "search_calibration").glob("joint_w6a6_seed*_*.json"))
+    if not files:
+        return None
+    for f in [RESULTS / "paper_search_w6a6.json", *files]:
+        if not f.is_file():
+            continue
+        d = json.loads(f.read_text())
+        tag = (
+            "minmse" if f.name == "paper_search_w6a6.json" else f.stem.split("_", 3)[3]
+        )
+        for r in d["rows"]:
+            if r["method"] == "joint" and r["budget"] == "w6a6":
+                runs.setdefault(tag, {})[r["seed"]] = (r, d)
+    seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+    out = [
+        "The W6A6 joint search (paper protocol) under each calibration of widths "
+        "{8,7,6,5}: FID of the best genome re-scored on 10k samples (2k in "
+        "brackets).",
+        "",
+        "| calibration | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "| --- |" + " --- |" * len(seeds),
+    ]
+    for tag, label in _SEARCH_CALIBRATIONS.items():
+        cells = []
+        for s in seeds:
+            r = runs.get(tag, {}).get(s)
+            cells.append(
+                "—" if r is None else f"{r[0]['fid_10k']:.2f} ({r[0]['fid_2k']:.2f})"
+            )
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    dates = sorted({d["date"][:10] for by in runs.values() for _, d in by.values()})
+    devices = sorted({d["device"] for by in runs.values() for _, d in by.values()})
+    out.append(
+        f"\n*{', '.join(devices)}, {', '.join(dates)}; `python -m "
+        "benchmarks.search_table --methods joint --budget w6a6 --seeds S "
+        "[--override calibration=DIR]` → `benchmarks/results/paper_search_w6a6.json`, "
+        "`benchmarks/results/search_calibration/` (each file names its "
+        "calibration)*"
+    )
+    return "\n".join(out)
+
+
 def render_quant_uniform() -> str:
     if d := _load("quant_uniform.json"):
-        return quant_uniform_table(d)
+        text = quant_uniform_table(d)
+        if extra := search_calibration_table():
+            text += "\n\n" + extra
+        return text
     return (
         "Not yet measured: `python -m benchmarks.quant_uniform` writes "
         "`benchmarks/results/quant_uniform.json`."
@@ -313,6 +371,30 @@ def perf_table(d: dict) -> str:
             f"{d['fp_sample_steps_per_s']:,.0f} |"
         )
         out += [f"| {names.get(k, k)} | {v:,.0f} |" for k, v in paths.items()]
+    sampling = d.get("sampling") or []
+    if isinstance(sampling, list) and sampling:
+        names = {
+            "fp32_ddim100": "full precision, DDIM 100 steps",
+            "fp32_ddim10_quad": "full precision, DDIM 10 quad steps",
+            "searched_fake_quant": "searched genome, fake-quant",
+            "searched_int8_serve_f32": "searched genome, served int8 (f32 convs)",
+            "searched_int8_serve_bf16": "searched genome, served int8 (bf16 convs)",
+            "searched_int8_serve_f32_closed_over": "searched genome, served int8, "
+            "weights closed over as constants",
+        }
+        out += [
+            "",
+            f"| sampling (batch {sampling[0]['batch']}) | steps | images/s "
+            "| latency, one image |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in sampling:
+            lat = r.get("latency_s")
+            out.append(
+                f"| {names.get(r['mode'], r['mode'])} | {r['steps']} | "
+                f"{r['images_per_s']:,.0f} | "
+                f"{'—' if lat is None else f'{1e3 * lat:.1f} ms'} |"
+            )
     src = [f"`{d['command']}`"]
     if d.get("resumed_from"):
         src.insert(0, f"`{d['resumed_from']}`")

@@ -208,12 +208,15 @@ def test_calibrate_writes_a_loadable_calibration(trained, tmp_path, capsys):
         "2",
         "--samples",
         "2",
+        "--bias-correction",
         "--no-progress",
     ]
     assert main(args) == 0
     reg = unet_registry(load_model(trained / "model").config)
     qparams, meta = load_calibration(out, reg, (8, 4))
     assert qparams.act_bound.shape[0] == len(reg) and meta["candidates"] == [8, 4]
+    assert meta["settings"]["bias_correction"] and meta["bias_corrected"]
+    assert len(qparams.bias_corr) == len(reg)
     capsys.readouterr()
     assert main([*args[:5], "--candidates", "8,9", "--no-progress"]) == 2
     assert "candidate bit-widths" in _err(capsys)

@@ -35,8 +35,9 @@ CANDIDATES = (8, 6, 4, 3)  # wide spread, so every width is exercised
 
 
 def synthetic_qparams(reg, seed=0):
-    """Stored results as calibration would give them: positive activation bounds
-    and per-channel clip ratios in [0.5, 1] for every layer at every width."""
+    """Stored results as calibration would give them: positive activation bounds,
+    per-channel clip ratios in [0.5, 1] and bias corrections for every layer at
+    every width (pair)."""
     rng = np.random.default_rng(seed)
     k = len(CANDIDATES)
     act = rng.uniform(0.3, 3.0, (len(reg), 2, k)).astype(np.float32)
@@ -48,7 +49,15 @@ def synthetic_qparams(reg, seed=0):
         )
         for layer in reg
     )
-    return QParams(CANDIDATES, jnp.asarray(act), clips)
+    corr = tuple(
+        None
+        if layer.kernel_shape is None
+        else jnp.asarray(
+            rng.normal(0.0, 0.05, (k, k, layer.kernel_shape[-1])), jnp.float32
+        )
+        for layer in reg
+    )
+    return QParams(CANDIDATES, jnp.asarray(act), clips, corr)
 
 
 def mixed_genome(reg, seed=1):
@@ -193,7 +202,10 @@ def test_save_load_round_trip(setup, tmp_path):
     path = save_quantized(tmp_path / "q", s["qmodel"], s["reg"], genome={"x": 1})
     abstract = jax.eval_shape(lambda: s["params"])
     qm, meta = load_quantized(path, s["reg"], abstract)
-    assert meta["genome"] == {"x": 1}
+    assert meta["genome"] == {"x": 1} and meta["bias_corrected"]
+    assert qm.variables["aqt"]["conv_in"]["bias_corr"].shape == (
+        s["reg"][s["reg"].index("conv_in")].kernel_shape[-1],
+    )
     np.testing.assert_array_equal(s["serve"](qm), s["serve"](s["qmodel"]))
     with pytest.raises(UserError, match="int8 export"):
         load_quantized(tmp_path / "none", s["reg"], abstract)

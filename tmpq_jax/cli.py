@@ -184,11 +184,9 @@ def cmd_layers(args, overrides) -> int:
 
 
 def cmd_calibrate(args, overrides) -> int:
-    import jax
-
-    from tmpq_jax.quant import calibrate, save_calibration, unet_registry
-    from tmpq_jax.quant import reconstruction as rc
-    from tmpq_jax.quant.calibration import calibration_set, model_fingerprint
+    from tmpq_jax.quant import save_calibration, unet_registry
+    from tmpq_jax.quant.calibration import model_fingerprint
+    from tmpq_jax.quant.solver import solve
     from tmpq_jax.quant.supernet import check_candidates
     from tmpq_jax.sampling import load_model
 
@@ -209,51 +207,27 @@ def cmd_calibrate(args, overrides) -> int:
         )
     lm = load_model(args.checkpoint)
     reg = unet_registry(lm.config)
-    qparams, info = calibrate(
+    qparams, settings, info = solve(
         lm,
-        jax.random.key(args.seed),
+        args.seed,
         cands,
         args.timesteps,
         args.samples,
-        progress=not args.no_progress,
+        reconstruct_steps=args.reconstruct_steps if args.reconstruct else 0,
+        bias_correction=args.bias_correction,
         registry=reg,
+        progress=not args.no_progress,
     )
-    settings = {k: info[k] for k in ("num_timesteps", "num_samples")} | {
-        "seed": args.seed,
-        "stage": rc.STAGE_MIN_MSE,
-    }
     seconds = info["seconds"]
     if args.reconstruct:
-        key = jax.random.key(args.seed)
-        xs, ts = calibration_set(
-            lm, jax.random.fold_in(key, 0), args.timesteps, args.samples
-        )  # the set `calibrate` used (same key)
-        qparams, rinfo = rc.reconstruct(
-            lm.model,
-            lm.params,
-            reg,
-            qparams,
-            xs,
-            ts,
-            jax.random.fold_in(key, 2),
-            steps=args.reconstruct_steps,
-            progress=not args.no_progress,
-        )
-        kept = sum(r["kept"] == rc.STAGE_RECONSTRUCTION for r in rinfo["fits"])
-        settings |= {
-            "stage": rc.STAGE_RECONSTRUCTION,
-            "reconstruct": {
-                k: rinfo[k] for k in ("steps", "lr", "batch_size", "depth", "num_pairs")
-            }
-            | {"fits": len(rinfo["fits"]), "fits_improved": kept},
-        }
-        seconds += rinfo["seconds"]
+        fits = info["reconstruction"]["fits"]
+        kept = settings["reconstruct"]["fits_improved"]
         gains = [
             max(1.0, r["mse_min_mse"] / max(r["mse_reconstruction"], 1e-30))
-            for r in rinfo["fits"]
+            for r in fits
         ]
         print(
-            f"reconstruction improved {kept} of {len(rinfo['fits'])} block x width "
+            f"reconstruction improved {kept} of {len(fits)} block x width "
             f"fits (block output MSE: median {sorted(gains)[len(gains) // 2]:.2f}x "
             f"lower, best {max(gains):.2f}x; the others keep their min-MSE values)"
         )
@@ -261,7 +235,8 @@ def cmd_calibrate(args, overrides) -> int:
         args.out, qparams, reg, cands, settings, model_fingerprint(lm.card)
     )
     print(
-        f"calibrated {len(reg)} layers x {len(cands)} widths ({settings['stage']}) "
+        f"calibrated {len(reg)} layers x {len(cands)} widths ({settings['stage']}"
+        f"{', bias-corrected' if settings['bias_correction'] else ''}) "
         f"in {seconds:.1f} s; wrote {path}"
     )
     return 0
@@ -407,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=300,
         help="Adam steps per block and width (with --reconstruct)",
+    )
+    k.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="then store each layer's mean output error per width pair and "
+        "subtract it (helps uniform widths; the search did worse with it, see "
+        "README)",
     )
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(fn=cmd_calibrate)

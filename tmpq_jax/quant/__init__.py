@@ -1,6 +1,7 @@
 """Quantization supernet (TMPQ-DM, arXiv 2404.09532): per-layer traced bit-widths
 applied to any Flax linen model through AQT, the layer registry and the cost model."""
 
+from tmpq_jax.quant.bias_correction import bias_corrections
 from tmpq_jax.quant.calibration import calibrate, calibration_set
 from tmpq_jax.quant.calibration_io import load_calibration, save_calibration
 from tmpq_jax.quant.cost import (
@@ -19,6 +20,7 @@ from tmpq_jax.quant.registry import (
     print_registry,
     unet_registry,
 )
+from tmpq_jax.quant.solver import solve
 from tmpq_jax.quant.supernet import (
     DEFAULT_CANDIDATES,
     QParams,
@@ -35,6 +37,7 @@ __all__ = [
     "LayerRegistry",
     "QParams",
     "QuantBits",
+    "bias_corrections",
     "bitops_per_step",
     "build_registry",
     "calibrate",
@@ -49,6 +52,7 @@ __all__ = [
     "print_registry",
     "quantized_apply",
     "save_calibration",
+    "solve",
     "total_bitops",
     "uniform_bitops",
     "unet_registry",

@@ -1,9 +1,10 @@
 """Saving and loading a calibration (the precision solver's stored results).
 
 One directory: `arrays/` (orbax: per-layer activation bounds and weight clip ratios
-for every candidate width) and `calibration.json` (candidates, layer names, the
-model's fingerprint, settings). Written to a temporary sibling and renamed, so a
-failed save leaves the previous calibration intact.
+for every candidate width, bias corrections for every width pair if made) and
+`calibration.json` (candidates, layer names, the model's fingerprint, settings).
+Written to a temporary sibling and renamed, so a failed save leaves the previous
+calibration intact.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ META_FILE = "calibration.json"
 ARRAYS_DIR = "arrays"
 
 
+def _per_layer(arrays) -> dict:
+    return {f"{i:04d}": a for i, a in enumerate(arrays or ()) if a is not None}
+
+
 def _arrays(qparams: QParams) -> dict:
-    clips = {f"{i:04d}": c for i, c in enumerate(qparams.w_clip or ()) if c is not None}
-    return {"act_bound": qparams.act_bound, "w_clip": clips}
+    tree = {"act_bound": qparams.act_bound, "w_clip": _per_layer(qparams.w_clip)}
+    if qparams.bias_corr is not None:
+        tree["bias_corr"] = _per_layer(qparams.bias_corr)
+    return tree
 
 
 def save_calibration(
@@ -51,6 +58,7 @@ def save_calibration(
         candidates=[int(c) for c in candidates],
         bit_widths=list(qparams.bit_widths),
         layer_names=list(registry.names),
+        bias_corrected=qparams.bias_corr is not None,
         settings=settings or {},
         model_fingerprint=model_fingerprint,
     )
@@ -107,14 +115,27 @@ def load_calibration(
             if layer.kernel_shape
         },
     }
+    corrected = bool(meta.get("bias_corrected"))
+    if corrected:
+        like["bias_corr"] = {
+            f"{i:04d}": jax.ShapeDtypeStruct(
+                (k, k, layer.kernel_shape[-1]), jnp.float32
+            )
+            for i, layer in enumerate(registry)
+            if layer.kernel_shape
+        }
     tree = restore_tree(
         Path(path) / ARRAYS_DIR,
         like,
         f"{path}: cannot restore calibration",
         "it is corrupt: recalibrate.",
     )
-    clips = tuple(
-        tree["w_clip"][f"{i:04d}"] if layer.kernel_shape else None
-        for i, layer in enumerate(registry)
-    )
-    return QParams(widths, tree["act_bound"], clips), meta
+
+    def per_layer(name):
+        return tuple(
+            tree[name][f"{i:04d}"] if layer.kernel_shape else None
+            for i, layer in enumerate(registry)
+        )
+
+    corr = per_layer("bias_corr") if corrected else None
+    return QParams(widths, tree["act_bound"], per_layer("w_clip"), corr), meta

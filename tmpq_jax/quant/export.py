@@ -19,14 +19,16 @@ the float kernel). Here the storage is explicit and the float kernels are gone:
     QuantizedModel.variables = {
       "params": the model's params, each registered kernel replaced by its int8
                 qvalue (Flax checks a param's shape, not its dtype),
-      "aqt":    {<module path>: {"scale": float32[C_out]}},
+      "aqt":    {<module path>: {"scale": float32[C_out],
+                                 "bias_corr": float32[C_out] (if calibrated)}},
     }
 
 plus the genome's bits and the static activation bounds selected at its widths
 (`act_bound` float32[L, 2]; None: dynamic absmax), so a `QuantizedModel` is
 self-contained: `save_quantized` / `load_quantized` write it with orbax.
 Activations stay fake-quantized per tensor exactly as in `supernet.py`; biases and
-norms stay float. SERVE equals the fake-quant `quantized_apply` bit for bit: both
+norms stay float; a calibrated bias correction (`QParams.bias_corr` at the
+genome's widths) is subtracted from the layer's output as the supernet does. SERVE equals the fake-quant `quantized_apply` bit for bit: both
 run the same AQT ops on the same int8 qvalue and scale (tests/test_quant_export.py).
 """
 
@@ -55,8 +57,10 @@ from tmpq_jax.quant.supernet import (
     _is_rerun,
     _QuantizedOp,
     _rerun,
+    bias_corr_at,
     check_bits,
     check_qparams,
+    corrected,
 )
 
 COLLECTION = "aqt"  # AQT's default quant_collection name
@@ -142,6 +146,9 @@ def freeze(
             node["kernel"], numerics.WeightQuant(bits.w_bits[i], clip)
         )
         _set_in(scales, layer.path, "scale", scale)
+        corr = bias_corr_at(i, bits, qparams)
+        if corr is not None:
+            _set_in(scales, layer.path, "bias_corr", corr)
     dynamic = qparams is None or qparams.act_bound is None
     return QuantizedModel(
         variables={"params": new_params, COLLECTION: scales},
@@ -237,13 +244,14 @@ def make_serve_interceptor(
         if kind == "matmul":
             return _rerun(module, kind, left, right, args, kwargs)
         qvalue, scale = _frozen_kernel(module, registry[i].name)
+        corr = module.get_variable(COLLECTION, "bias_corr")
         if kind == "conv":
-            op = _QuantizedOp(
-                numerics.served_conv_general_dilated(left, qvalue, scale, conv_dtype)
-            )
+            op = numerics.served_conv_general_dilated(left, qvalue, scale, conv_dtype)
+            op = _QuantizedOp(corrected(op, corr))
             updates = dict(conv_general_dilated=op, conv_general_dilated_cls=None)
         else:
-            op = _QuantizedOp(numerics.served_dot_general(left, qvalue, scale))
+            op = numerics.served_dot_general(left, qvalue, scale)
+            op = _QuantizedOp(corrected(op, corr))
             updates = dict(dot_general=op, dot_general_cls=None)
         return module.clone(parent=module.scope, **updates)(*args, **kwargs)
 
@@ -269,6 +277,11 @@ def serve_apply(
 # Saving and loading (orbax arrays + export.json).
 
 
+def _bias_corrected(qmodel: QuantizedModel) -> bool:
+    leaves = jax.tree_util.tree_leaves_with_path(qmodel.variables[COLLECTION])
+    return any(getattr(p[-1], "key", None) == "bias_corr" for p, _ in leaves)
+
+
 def _tree(qmodel: QuantizedModel) -> dict:
     bits = {"w_bits": qmodel.bits.w_bits, "a_bits": qmodel.bits.a_bits}
     t = {"variables": qmodel.variables, "bits": bits}
@@ -290,6 +303,7 @@ def save_quantized(
         version=VERSION,
         layer_names=list(registry.names),
         dynamic_activations=qmodel.act_bound is None,
+        bias_corrected=_bias_corrected(qmodel),
         genome=genome,
     )
     return save_tree_and_json(path, ARRAYS_DIR, _tree(qmodel), META_FILE, meta)
@@ -316,16 +330,14 @@ def load_quantized(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _copy(params_like)
     )
     scales: dict = {}
+    keys = ("scale", "bias_corr") if meta.get("bias_corrected") else ("scale",)
     for layer in registry:
         if layer.kernel_shape:
             node = _get(like_params, layer.path)
             node["kernel"] = jax.ShapeDtypeStruct(layer.kernel_shape, jnp.int8)
-            _set_in(
-                scales,
-                layer.path,
-                "scale",
-                jax.ShapeDtypeStruct((layer.kernel_shape[-1],), jnp.float32),
-            )
+            per_channel = jax.ShapeDtypeStruct((layer.kernel_shape[-1],), jnp.float32)
+            for key in keys:
+                _set_in(scales, layer.path, key, per_channel)
     bits = jax.ShapeDtypeStruct((n,), jnp.int32)
     like = {
         "variables": {"params": like_params, COLLECTION: scales},

@@ -22,6 +22,9 @@ learned rounding would need a new stored tensor per weight and width.
   `ste.py`'s fake-quant. The objective on the whole capture set is evaluated at
   a few snapshots along the run; the best is kept only if it is below the
   min-MSE one; otherwise the min-MSE value stays.
+* The result carries no bias correction (`bias_correction.py`): those means
+  depend on the ranges, so they are made again for the reconstructed ones
+  (`tmpq calibrate --reconstruct` does).
 
 Pure functions with explicit keys; the host loop over blocks x widths shows tqdm.
 """
@@ -426,7 +429,7 @@ def reconstruct(
             )
             bar.update()
     bar.close()
-    new = QParams(
+    new = QParams(  # no bias correction: it was made for the old ranges
         qparams.bit_widths,
         jnp.asarray(act_bound),
         tuple(None if c is None else jnp.asarray(c) for c in w_clip),

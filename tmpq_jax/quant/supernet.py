@@ -81,12 +81,17 @@ class QParams:
         at width `bit_widths[k]`; None: dynamic absmax everywhere.
     w_clip: per layer float32[K, C_out] clip ratio to the channel absmax (None for
         MatMul layers); None: no clipping.
+    bias_corr: per layer float32[K, K, C_out], the mean output error of the
+        conv/dense at (w_bits, a_bits) = (bit_widths[k], bit_widths[j]) over the
+        calibration set (`bias_correction.py`), subtracted from its output
+        (None for MatMul layers); None: no correction.
     `bit_widths` must hold every genome candidate and the pinned softmax width.
     """
 
     bit_widths: tuple[int, ...] = struct.field(pytree_node=False)
     act_bound: jax.Array | None = None
     w_clip: tuple[jax.Array | None, ...] | None = None
+    bias_corr: tuple[jax.Array | None, ...] | None = None
 
     def width_index(self, bits) -> Any:
         """Index of `bits` in `bit_widths` (static for an int, traced otherwise)."""
@@ -173,6 +178,20 @@ def check_qparams(
                 raise UserError(
                     f"w_clip for {layer.name!r}: shape {jnp.shape(clip)}, expected {want}."
                 )
+    if qparams.bias_corr is not None:
+        if len(qparams.bias_corr) != n:
+            raise UserError(
+                f"bias_corr has {len(qparams.bias_corr)} entries, expected {n}."
+            )
+        for layer, corr in zip(registry, qparams.bias_corr, strict=True):
+            want = (k, k, layer.kernel_shape[-1]) if layer.kernel_shape else None
+            if (corr is None) != (want is None) or (
+                corr is not None and jnp.shape(corr) != want
+            ):
+                raise UserError(
+                    f"bias_corr for {layer.name!r}: shape {jnp.shape(corr)}, "
+                    f"expected {want}."
+                )
 
 
 # ----------------------------------------------------------------------------
@@ -214,17 +233,39 @@ def _operand_specs(i: int, registry, bits: QuantBits, qparams: QParams | None):
     return left, numerics.WeightQuant(right_bits, clip)
 
 
-def _rerun(module: nn.Module, kind: str, left, right, args, kwargs):
+def bias_corr_at(i: int, bits: QuantBits, qparams: QParams | None):
+    """f32[C_out]: layer i's stored output correction at its (w, a) widths, or None."""
+    if qparams is None or qparams.bias_corr is None or qparams.bias_corr[i] is None:
+        return None
+    corr = jnp.take(qparams.bias_corr[i], qparams.width_index(bits.w_bits[i]), axis=0)
+    return jnp.take(corr, qparams.width_index(bits.a_bits[i]), axis=0)
+
+
+def corrected(op, corr):
+    """`op` (a conv/dot_general replacement, features last) minus `corr` [C_out]:
+    subtracted before the layer adds its bias, in every path alike."""
+    if corr is None:
+        return op
+
+    def fn(*args, **kwargs):
+        out = op(*args, **kwargs)
+        return out - corr.astype(out.dtype)
+
+    return fn
+
+
+def _rerun(module: nn.Module, kind: str, left, right, args, kwargs, corr=None):
     if kind == "matmul":
         a, b = args
         if module.dtype is not None:
             a, b = a.astype(module.dtype), b.astype(module.dtype)
         return numerics.einsum(module.equation, a, b, left, right)
     if kind == "conv":
-        op = _QuantizedOp(numerics.conv_general_dilated(left, right))
+        op = numerics.conv_general_dilated(left, right)
+        op = _QuantizedOp(corrected(op, corr))
         updates = dict(conv_general_dilated=op, conv_general_dilated_cls=None)
     else:
-        op = _QuantizedOp(numerics.dot_general(left, right))
+        op = _QuantizedOp(corrected(numerics.dot_general(left, right), corr))
         updates = dict(dot_general=op, dot_general_cls=None)
     # Same scope as the intercepted module: same params, same path, no new names.
     return module.clone(parent=module.scope, **updates)(*args, **kwargs)
@@ -242,7 +283,8 @@ def make_interceptor(
             return next_fun(*args, **kwargs)
         i = registry.index_of_path(module.path)
         left, right = _operand_specs(i, registry, bits, qparams)
-        return _rerun(module, kind, left, right, args, kwargs)
+        corr = bias_corr_at(i, bits, qparams)
+        return _rerun(module, kind, left, right, args, kwargs, corr)
 
     return interceptor
 

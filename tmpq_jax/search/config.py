@@ -116,7 +116,9 @@ class SearchConfig:
                 f"and the three summing to at most 1 (got {fracs:.3f})."
             )
         if self.pop_shards < 0:
-            raise UserError(f"search.pop_shards={self.pop_shards}: use 0 (auto) or more.")
+            raise UserError(
+                f"search.pop_shards={self.pop_shards}: use 0 (auto) or more."
+            )
         if self.sample_chunk and self.num_samples % self.sample_chunk:
             raise UserError(
                 f"search.sample_chunk={self.sample_chunk} must divide "

@@ -22,9 +22,10 @@ from tmpq_jax.metrics import (
     load_feature_net,
     load_reference_stats,
 )
-from tmpq_jax.quant.calibration import calibrate, model_fingerprint
+from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.quant.calibration_io import load_calibration, save_calibration
 from tmpq_jax.quant.registry import LayerRegistry, unet_registry
+from tmpq_jax.quant.solver import solve
 from tmpq_jax.quant.supernet import QParams
 from tmpq_jax.sampling import LoadedModel, load_model
 from tmpq_jax.search import budget as budget_lib
@@ -78,16 +79,15 @@ def resolve_qparams(run: SearchRunConfig, lm, registry, workdir: Path, progress:
             "one process first, then pass --config.calibration=DIR."
         )
     print(f"no calibration for this model and candidates {list(cands)}: calibrating")
-    qparams, info = calibrate(
+    qparams, settings, _ = solve(
         lm,
-        jax.random.key(0),
+        0,
         cands,
         run.calib_timesteps,
         run.calib_samples,
-        progress,
         registry=registry,
+        progress=progress,
     )
-    settings = {k: info[k] for k in ("num_timesteps", "num_samples")}
     save_calibration(path, qparams, registry, cands, settings, fp)
     return qparams, path
 
