@@ -49,10 +49,9 @@ from tmpq_jax.errors import UserError
 from tmpq_jax.evaluation import FID_NAME, Evaluator
 from tmpq_jax.quant import QuantBits, cost, unet_registry
 from tmpq_jax.quant import reconstruction as rc
-from tmpq_jax.quant.bias_correction import bias_corrections
-from tmpq_jax.quant.calibration import calibration_set, model_fingerprint
+from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.quant.calibration_io import load_calibration, save_calibration
-from tmpq_jax.quant.solver import solve
+from tmpq_jax.quant.solver import solve, with_bias_correction
 from tmpq_jax.quant.supernet import check_bits, check_candidates, quantized_apply
 from tmpq_jax.sampling import load_model
 
@@ -133,13 +132,14 @@ def _bias_corrected(lm, reg, qp, settings: dict) -> tuple:
     """`qp` with bias corrections made on its own calibration set (as `solve`
     makes them last), and settings saying so."""
     t0 = time.perf_counter()
-    xs, ts = calibration_set(
+    qp = with_bias_correction(
         lm,
-        jax.random.fold_in(jax.random.key(settings["seed"]), 0),
+        qp,
+        settings["seed"],
         settings["num_timesteps"],
         settings["num_samples"],
+        registry=reg,
     )
-    corr = bias_corrections(lm.model, lm.params, reg, qp, xs, ts)
     seconds = time.perf_counter() - t0
     print(f"bias correction: {seconds:.1f} s", flush=True)
     settings = settings | {
@@ -147,7 +147,7 @@ def _bias_corrected(lm, reg, qp, settings: dict) -> tuple:
         "bias_correction_seconds": round(seconds, 2),
         "seconds": round((settings.get("seconds") or 0.0) + seconds, 2),
     }
-    return qp.replace(bias_corr=corr), settings
+    return qp, settings
 
 
 def get_calibrations(lm, reg, cands, kinds, args) -> tuple[dict, dict]:

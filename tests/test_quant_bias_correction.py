@@ -37,9 +37,11 @@ def two_convs():
     v = model.init(jax.random.key(1), x, t)
     reg = build_registry(model, v, x, t)
     qp, info = qc.calibrate_model(
-        model, v["params"], reg, x, t, jax.random.key(2), CANDIDATES, batch_size=8,
-        bias_correction=True,
-    )  # fmt: skip
+        model, v["params"], reg, x, t, jax.random.key(2), CANDIDATES, batch_size=8
+    )
+    qp = qp.replace(
+        bias_corr=bias_corrections(model, v["params"], reg, qp, x, t, batch_size=8)
+    )
     return dict(model=model, v=v, reg=reg, qp=qp, info=info, x=x, t=t)
 
 
@@ -47,7 +49,7 @@ def test_stored_correction_is_each_layers_mean_error_on_its_float_input(two_conv
     s = two_convs
     model, v, reg, qp, x, t = (s[k] for k in ("model", "v", "reg", "qp", "x", "t"))
     p = v["params"]
-    assert s["info"]["bias_correction"] and len(qp.bias_corr) == len(reg)
+    assert len(qp.bias_corr) == len(reg)
     # The float inputs of each layer, computed here by hand.
     h0 = x
     h1 = nn.relu(nn.Conv(6, (3, 3)).apply({"params": p["c0"]}, x))

@@ -79,9 +79,8 @@ def recon(tiny_cfg, tiny_params):
     reg = unet_registry(tiny_cfg)
     key = jax.random.key(5)
     qp, info = qc.calibrate(
-        lm, key, CANDIDATES, 4, 4, progress=False, registry=reg, max_values=2**12,
-        bias_correction=False,  # reconstruction drops it (made again after)
-    )  # fmt: skip
+        lm, key, CANDIDATES, 4, 4, progress=False, registry=reg, max_values=2**12
+    )
     xs, ts = qc.calibration_set(lm, jax.random.fold_in(key, 0), 4, 4)
     blocks = [b for b in rc.group_blocks(reg) if b.name in BLOCKS]
     new, rinfo = rc.reconstruct(

@@ -39,13 +39,14 @@ from jax import lax
 from tqdm.auto import tqdm
 
 from tmpq_jax.quant import numerics
+from tmpq_jax.quant.calibration import _batch_size
 from tmpq_jax.quant.registry import LayerRegistry, layer_kind
 from tmpq_jax.quant.supernet import (
     QParams,
     QuantBits,
     _is_rerun,
     _operand_specs,
-    _QuantizedOp,
+    call_with_op,
 )
 
 
@@ -59,7 +60,7 @@ def _recording_op(float_op, quant_op, record):
         record(jnp.mean(diff.reshape(-1, diff.shape[-1]), axis=0))
         return out
 
-    return _QuantizedOp(fn)
+    return fn
 
 
 def _float_op(module: nn.Module, name: str):
@@ -90,25 +91,19 @@ def _error_fn(model: nn.Module, registry: LayerRegistry, qparams: QParams):
                 return next_fun(*args, **kwargs)
             i = registry.index_of_path(module.path)
             left, right = _operand_specs(i, registry, bits, uncorrected)
-            record = errors.setdefault(i, []).append
-            # One clone in the module's scope runs both ops on the same operands
-            # (a second module there could not claim the params again).
             if kind == "conv":
-                op = _recording_op(
-                    _float_op(module, "conv_general_dilated"),
-                    numerics.conv_general_dilated(left, right),
-                    record,
-                )
-                updates = dict(conv_general_dilated=op, conv_general_dilated_cls=None)
+                name, quant = "conv_general_dilated", numerics.conv_general_dilated
             else:
-                op = _recording_op(
-                    _float_op(module, "dot_general"),
-                    numerics.dot_general(left, right),
-                    record,
-                )
-                updates = dict(dot_general=op, dot_general_cls=None)
-            # float output: the next layer sees float inputs
-            return module.clone(parent=module.scope, **updates)(*args, **kwargs)
+                name, quant = "dot_general", numerics.dot_general
+            # One call runs both ops on the same operands (a second module in the
+            # scope could not claim the params again); its output is the float
+            # one, so the next layer sees float inputs.
+            op = _recording_op(
+                _float_op(module, name),
+                quant(left, right),
+                errors.setdefault(i, []).append,
+            )
+            return call_with_op(module, kind, op, args, kwargs)
 
         with nn.intercept_methods(interceptor):
             model.apply(variables, x, t)
@@ -130,8 +125,6 @@ def bias_corrections(
     """`QParams.bias_corr` for `qparams` (its clip ratios and activation bounds;
     any existing correction ignored) on the calibration inputs (xs, ts): per
     layer float32[K, K, C_out] over `qparams.bit_widths` (None for MatMuls)."""
-    from tmpq_jax.quant.calibration import _batch_size  # circular otherwise
-
     n = int(xs.shape[0])
     b = _batch_size(n, batch_size)
     fn = _error_fn(model, registry, qparams)

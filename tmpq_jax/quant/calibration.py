@@ -19,8 +19,6 @@ min-MSE part of that precision solver (no AdaRound / reconstruction):
   absmax) minimising the activation fake-quant MSE on the subsample, for every
   width (`numerics.fake_quant_activation`). The pinned softmax operand of `av` is
   calibrated like the rest; the supernet only ever reads its 8-bit column.
-* bias correction (`bias_correction.py`, opt-in): the mean output error
-  of every conv/dense at every (w, a) width pair, subtracted by the supernet.
 * `calibrate`: all of it for a `LoadedModel`; `save_calibration` /
   `load_calibration`: one directory (orbax arrays + `calibration.json`), written
   atomically, checked against the registry and candidate set on load.
@@ -46,7 +44,6 @@ from tmpq_jax.diffusion.samplers import ddim_step
 from tmpq_jax.diffusion.schedules import NoiseSchedule, uniform_timesteps
 from tmpq_jax.errors import UserError
 from tmpq_jax.quant import numerics
-from tmpq_jax.quant.bias_correction import bias_corrections
 from tmpq_jax.quant.registry import LayerRegistry, layer_call_interceptor
 from tmpq_jax.quant.supernet import DEFAULT_CANDIDATES, QParams, check_candidates
 
@@ -280,11 +277,9 @@ def calibrate_model(
     max_values: int = MAX_VALUES,
     batch_size: int = 64,
     progress: bool = False,
-    bias_correction: bool = False,
 ) -> tuple[QParams, dict]:
     """Min-MSE `QParams` for `model.apply({'params': params}, x, t)` on the
-    calibration inputs (xs, ts), for every width of `calibration_widths`, with
-    bias corrections for them if `bias_correction`."""
+    calibration inputs (xs, ts), for every width of `calibration_widths`."""
     widths = calibration_widths(candidates, registry)
     stats = collect_activation_stats(
         model,
@@ -323,14 +318,7 @@ def calibrate_model(
         act_bound=jnp.asarray(act_bound),
         w_clip=tuple(None if c is None else jnp.asarray(c) for c in w_clip),
     )
-    if bias_correction:
-        qparams = qparams.replace(
-            bias_corr=bias_corrections(
-                model, params, registry, qparams, xs, ts, batch_size, progress
-            )
-        )
     info = dict(
-        bias_correction=bias_correction,
         bit_widths=widths,
         num_pairs=int(xs.shape[0]),
         max_values=max_values,
@@ -358,15 +346,12 @@ def calibrate(
     registry: LayerRegistry | None = None,
     max_values: int = MAX_VALUES,
     batch_size: int = 64,
-    bias_correction: bool = False,
 ) -> tuple[QParams, dict]:
     """Calibrates a `LoadedModel` once for every candidate width: (QParams, info).
 
     `key` draws the calibration noises (fold 0) and the activation subsample
     (fold 1). `info` holds the settings (for `save_calibration`), per-operand
-    absmax and the MSE gains of the chosen ranges over the unclipped ones.
-    `bias_correction`: also store every layer's mean output error per width pair
-    (`bias_correction.py`)."""
+    absmax and the MSE gains of the chosen ranges over the unclipped ones."""
     start = time.perf_counter()
     registry = registry if registry is not None else lm.layer_registry()
     xs, ts = calibration_set(lm, jax.random.fold_in(key, 0), num_timesteps, num_samples)
@@ -381,7 +366,6 @@ def calibrate(
         max_values,
         batch_size,
         progress,
-        bias_correction,
     )
     info.update(
         candidates=tuple(int(c) for c in candidates),

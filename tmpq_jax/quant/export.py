@@ -55,9 +55,9 @@ from tmpq_jax.quant.supernet import (
     QParams,
     QuantBits,
     _is_rerun,
-    _QuantizedOp,
     _rerun,
     bias_corr_at,
+    call_with_op,
     check_bits,
     check_qparams,
     corrected,
@@ -247,13 +247,9 @@ def make_serve_interceptor(
         corr = module.get_variable(COLLECTION, "bias_corr")
         if kind == "conv":
             op = numerics.served_conv_general_dilated(left, qvalue, scale, conv_dtype)
-            op = _QuantizedOp(corrected(op, corr))
-            updates = dict(conv_general_dilated=op, conv_general_dilated_cls=None)
         else:
             op = numerics.served_dot_general(left, qvalue, scale)
-            op = _QuantizedOp(corrected(op, corr))
-            updates = dict(dot_general=op, dot_general_cls=None)
-        return module.clone(parent=module.scope, **updates)(*args, **kwargs)
+        return call_with_op(module, kind, corrected(op, corr), args, kwargs)
 
     return interceptor
 

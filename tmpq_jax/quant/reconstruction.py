@@ -49,7 +49,7 @@ from tmpq_jax.errors import UserError
 from tmpq_jax.quant import ste
 from tmpq_jax.quant.calibration import _batch_size
 from tmpq_jax.quant.registry import LayerRegistry, layer_kind
-from tmpq_jax.quant.supernet import QParams, _is_rerun, _QuantizedOp
+from tmpq_jax.quant.supernet import QParams, _is_rerun, call_with_op
 
 STAGE_MIN_MSE = "min-mse"
 STAGE_RECONSTRUCTION = "reconstruction"
@@ -192,21 +192,17 @@ def _ste_interceptor(prefix, registry, block_layers, theta, bits, pinned_bounds)
         weight = lambda w: ste.fake_quant_weight(w, bits, theta["clip"][j])
         if kind == "conv":
 
-            def conv(lhs, rhs, *a, **kw):
+            def op(lhs, rhs, *a, **kw):
                 return lax.conv_general_dilated(act(lhs), weight(rhs), *a, **kw)
 
-            updates = dict(
-                conv_general_dilated=_QuantizedOp(conv), conv_general_dilated_cls=None
-            )
         else:
 
-            def dot(lhs, rhs, dimension_numbers, precision=None, **kw):
+            def op(lhs, rhs, dimension_numbers, precision=None, **kw):
                 return lax.dot_general(
                     act(lhs), weight(rhs), dimension_numbers, precision=precision, **kw
                 )
 
-            updates = dict(dot_general=_QuantizedOp(dot), dot_general_cls=None)
-        return module.clone(parent=module.scope, **updates)(*args, **kwargs)
+        return call_with_op(module, kind, op, args, kwargs)
 
     return interceptor
 

@@ -20,6 +20,28 @@ from tmpq_jax.quant.registry import LayerRegistry
 from tmpq_jax.quant.supernet import QParams
 
 
+def with_bias_correction(
+    lm,
+    qparams: QParams,
+    seed: int,
+    num_timesteps: int = 20,
+    num_samples: int = 32,
+    *,
+    registry: LayerRegistry | None = None,
+    progress: bool = False,
+) -> QParams:
+    """`qparams` with bias corrections (`bias_correction.py`) made for its ranges
+    on the calibration set of `seed` (the set `solve` calibrated on)."""
+    registry = registry if registry is not None else lm.layer_registry()
+    xs, ts = calibration_set(
+        lm, jax.random.fold_in(jax.random.key(seed), 0), num_timesteps, num_samples
+    )
+    corr = bias_corrections(
+        lm.model, lm.params, registry, qparams, xs, ts, progress=progress
+    )
+    return qparams.replace(bias_corr=corr)
+
+
 def solve(
     lm,
     seed: int,
@@ -43,14 +65,7 @@ def solve(
     registry = registry if registry is not None else lm.layer_registry()
     key = jax.random.key(seed)
     qparams, info = calibrate(
-        lm,
-        key,
-        candidates,
-        num_timesteps,
-        num_samples,
-        progress,
-        registry=registry,
-        bias_correction=bias_correction and not reconstruct_steps,
+        lm, key, candidates, num_timesteps, num_samples, progress, registry=registry
     )
     settings = {
         "num_timesteps": num_timesteps,
@@ -85,12 +100,17 @@ def solve(
             | {"fits": len(rinfo["fits"]), "fits_improved": kept},
         }
         info["reconstruction"] = rinfo
-        if bias_correction:
-            t0 = time.perf_counter()
-            corr = bias_corrections(
-                lm.model, lm.params, registry, qparams, xs, ts, progress=progress
-            )
-            qparams = qparams.replace(bias_corr=corr)
-            seconds += time.perf_counter() - t0
+    if bias_correction:
+        t0 = time.perf_counter()
+        qparams = with_bias_correction(
+            lm,
+            qparams,
+            seed,
+            num_timesteps,
+            num_samples,
+            registry=registry,
+            progress=progress,
+        )
+        seconds += time.perf_counter() - t0
     info["seconds"] = seconds
     return qparams, settings, info

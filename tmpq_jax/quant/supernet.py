@@ -262,12 +262,21 @@ def _rerun(module: nn.Module, kind: str, left, right, args, kwargs, corr=None):
         return numerics.einsum(module.equation, a, b, left, right)
     if kind == "conv":
         op = numerics.conv_general_dilated(left, right)
-        op = _QuantizedOp(corrected(op, corr))
-        updates = dict(conv_general_dilated=op, conv_general_dilated_cls=None)
     else:
-        op = _QuantizedOp(corrected(numerics.dot_general(left, right), corr))
-        updates = dict(dot_general=op, dot_general_cls=None)
-    # Same scope as the intercepted module: same params, same path, no new names.
+        op = numerics.dot_general(left, right)
+    return call_with_op(module, kind, corrected(op, corr), args, kwargs)
+
+
+def call_with_op(module: nn.Module, kind: str, op, args, kwargs):
+    """Calls the conv/dense `module` with `op` as its `conv_general_dilated` /
+    `dot_general`: a clone bound to the module's own scope (same params, same
+    path, no new names), marked so that interceptors let it through."""
+    if kind == "conv":
+        updates = dict(
+            conv_general_dilated=_QuantizedOp(op), conv_general_dilated_cls=None
+        )
+    else:
+        updates = dict(dot_general=_QuantizedOp(op), dot_general_cls=None)
     return module.clone(parent=module.scope, **updates)(*args, **kwargs)
 
 
