@@ -10,7 +10,9 @@ precision-only search (quad steps fixed); the timestep-only search (uniform bits
 fixed); random search with the same number of evaluations; the joint search.
 Budgets: `w6a6` (the paper's, bits {8,7,6,5}) and `w4a8` (bits {8,7,6,5,4}).
 Each search runs `tmpq search` in `--workdir-root/<budget>/<method>_s<seed>`
-(resumable) from `configs/fmnist_search.py` plus `--override`s.
+(resumable) from `configs/fmnist_search.py` plus `--override`s. Rerunning the
+same command keeps the rows already in `--out-dir` and runs only the rest.
+Set `JAX_COMPILATION_CACHE_DIR`: every seed of a method runs the same programs.
 """
 
 from __future__ import annotations
@@ -156,7 +158,9 @@ def main() -> None:
     if args.merge:
         print(merge(args.merge, args.out_dir))
         return
-    rows = []
+    out = Path(args.out_dir or RESULTS) / f"search_table_{args.budget}.json"
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    done = {(r["method"], r["seed"]) for r in rows}
     root = Path(args.workdir_root)
     for method in args.methods.split(","):
         seeds = (
@@ -165,6 +169,8 @@ def main() -> None:
             else [int(s) for s in args.seeds.split(",")]
         )
         for seed in seeds:
+            if (method, seed) in done:
+                continue
             r = run_row(method, args.budget, seed, root, args.override)
             print(
                 f"{args.budget} {method:10s} seed {seed}: fid_2k {r['fid_2k']:.3f} "

@@ -82,6 +82,9 @@ def _mean_std(values: list[float]) -> str:
     return f"{m:.2f} ± {sd:.2f} ({len(values)} seeds)"
 
 
+SEEDS = (0, 1, 2)  # the table's seeds for every searched method
+
+
 def search_table(d: dict) -> str:
     out = []
     for budget in ("w6a6", "w4a8"):
@@ -97,19 +100,26 @@ def search_table(d: dict) -> str:
         out += [
             "",
             "| method | FID 10k fresh samples | FID 2k (search's noise) "
-            "| GBitOPs / image | evaluations | wall s (H100) |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| GBitOPs / image | evaluations |",
+            "| --- | --- | --- | --- | --- |",
         ]
+        missing = []
         for method in ("fp", "uniform", "precision", "timesteps", "random", "joint"):
             rs = [r for r in rows if r["method"] == method]
+            if method not in ("fp", "uniform"):
+                have = {r["seed"] for r in rs}
+                if lack := [s for s in SEEDS if s not in have]:
+                    missing.append(f"{method} (seed {', '.join(map(str, lack))})")
             if not rs:
                 continue
             out.append(
                 f"| {_LABELS[method].format(w=w)} | {_mean_std([r['fid_10k'] for r in rs])} "
                 f"| {_mean_std([r['fid_2k'] for r in rs])} "
                 f"| {_mean_std([r['bitops'] / 1e9 for r in rs])} "
-                f"| {rs[0]['evaluations']} | {_mean_std([r['wall_s'] for r in rs])} |"
+                f"| {rs[0]['evaluations']} |"
             )
+        if missing:
+            out += ["", f"Not yet run at {w}: {'; '.join(missing)}."]
         out.append("")
     parts = "; ".join(f"`{p['command']}`" for p in d.get("parts", [d]))
     src = f"*{d['device']}, {d['date'][:10]}; {parts} → `benchmarks/results/search_table.json`*"

@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI turns on JAX's persistent compilation cache; tests keep nothing on disk.
+os.environ.setdefault("TMPQ_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 

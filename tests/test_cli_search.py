@@ -1,7 +1,9 @@
 """`tmpq search` refuses bad input in one line, before any work and any file."""
 
+import jax
 import pytest
 
+from tmpq_jax import compilation_cache
 from tmpq_jax.cli import main
 
 CPU = "configs/fmnist_search_cpu.py"
@@ -34,3 +36,22 @@ def test_budget_refusal_names_the_minimum(tmp_path, capsys):
     args = ["search", "--config", CPU, "--workdir", str(wd)]
     assert main([*args, "--config.search.budget_steps=1"]) == 2
     assert "raise the budget to at least" in capsys.readouterr().err
+
+
+def test_compilation_cache_directory_and_switches(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compilation_cache.enable({"TMPQ_COMPILATION_CACHE": "0"}) is None
+        assert jax.config.jax_compilation_cache_dir is None
+        got = compilation_cache.enable({"XDG_CACHE_HOME": str(tmp_path)})
+        assert got == tmp_path / "tmpq_jax" / "jax"
+        assert jax.config.jax_compilation_cache_dir == str(got)
+        # a directory already chosen (e.g. $JAX_COMPILATION_CACHE_DIR) is kept
+        assert compilation_cache.enable({"TMPQ_COMPILATION_CACHE": "/x"}) is None
+        assert jax.config.jax_compilation_cache_dir == str(got)
+        jax.config.update("jax_compilation_cache_dir", None)
+        got = compilation_cache.enable({"TMPQ_COMPILATION_CACHE": str(tmp_path / "c")})
+        assert got == tmp_path / "c"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -2,6 +2,7 @@
 uninterrupted run, NaN candidates scored worst, other searches' workdirs refused,
 and the result files. One compiled engine serves the whole module."""
 
+import dataclasses
 import json
 
 import jax
@@ -16,6 +17,7 @@ from tmpq_jax.metrics.classifier import Classifier, ClassifierConfig
 from tmpq_jax.metrics.feature_net import FeatureNet
 from tmpq_jax.metrics.reference import sqrtm_psd64
 from tmpq_jax.quant import cost, unet_registry
+from tmpq_jax.quant.supernet import QParams
 from tmpq_jax.sampling import LoadedModel
 from tmpq_jax.search import SearchConfig, SearchRunConfig, build_setup, run_generations
 from tmpq_jax.search.fitness import WORST_FID
@@ -103,18 +105,38 @@ def test_resume_equals_uninterrupted(setup, full_run, tmp_path):
 
 def test_same_seed_same_search_other_seed_differs(parts, setup, full_run, tmp_path):
     _, full = full_run
-    other = make_setup(parts, seed=1)
-    state = jax.jit(other.engine.first_generation)(other.assets)
+    first = setup.engine.programs[0]
+    state = first(setup.assets, np.int32(1))  # the seed is traced: same program
     assert not np.array_equal(state.archive.genomes[0], full.archive.genomes[0])
-    again = setup.engine.programs[0](setup.assets)
+    again = first(setup.assets, np.int32(0))
     np.testing.assert_array_equal(again.archive.fid[0], full.archive.fid[0])
+    assert first._cache_size() == 1
+    # a setup built for seed 1 draws what the shared program drew for seed 1
+    other = make_setup(parts, seed=1)
+    mine = jax.jit(other.engine.first_generation)(other.assets, np.int32(1))
+    np.testing.assert_array_equal(mine.archive.genomes, state.archive.genomes)
+
+
+def test_sample_chunks_that_do_not_divide_give_the_same_images(setup):
+    problem = setup.engine.problem
+    cands = problem.candidates
+    # static activation ranges: dynamic ones are taken over the batch sampled together
+    qparams = QParams(cands, jnp.full((len(problem.registry), 2, len(cands)), 3.0), None)
+    assets = setup.assets.replace(qparams=qparams)
+    genome = jnp.asarray(setup.space.seed)
+    x_T = assets.noise  # 16 images: chunks of 6, 6 and a padded 4
+    whole = jax.jit(problem.sample)(assets, genome, x_T)
+    chunked = dataclasses.replace(problem, sample_chunk=6)
+    parts = jax.jit(chunked.sample)(assets, genome, x_T)
+    assert parts.shape == whole.shape
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_nan_samples_get_the_worst_fitness(setup):
     bad = setup.assets.replace(
         params=jax.tree.map(lambda p: p * jnp.nan, setup.assets.params)
     )
-    state = setup.engine.programs[0](bad)  # same program: assets are arguments
+    state = setup.engine.programs[0](bad, np.int32(0))  # assets are arguments
     np.testing.assert_array_equal(state.archive.fid[0], WORST_FID)
 
 

@@ -261,10 +261,12 @@ def cmd_search(args, overrides) -> int:
     init_distributed(
         args.coordinator_address, args.num_processes, args.process_id, args.distributed
     )
+    from tmpq_jax import compilation_cache
     from tmpq_jax.config import load_config
     from tmpq_jax.evaluation import FID_NAME
     from tmpq_jax.search import SearchRunConfig, search
 
+    compilation_cache.enable()  # a resume or another seed skips the compiles
     spec = args.config or _default_search_config()
     run = SearchRunConfig.from_configdict(load_config(spec, overrides))
     if is_main_process():

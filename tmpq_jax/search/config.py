@@ -58,7 +58,7 @@ class SearchConfig:
     # Fitness.
     num_samples: int = 2000
     candidate_chunk: int = 1  # candidates vmapped together (lax.map batch_size)
-    sample_chunk: int = 0  # images sampled together per candidate; 0: all at once
+    sample_chunk: int = 0  # images sampled together per candidate (0: all at once)
     # Devices along the population axis of the mesh (the rest split each
     # candidate's samples); 0: auto (search/sharding.py).
     pop_shards: int = 0
@@ -119,10 +119,9 @@ class SearchConfig:
             raise UserError(
                 f"search.pop_shards={self.pop_shards}: use 0 (auto) or more."
             )
-        if self.sample_chunk and self.num_samples % self.sample_chunk:
+        if self.sample_chunk < 0:
             raise UserError(
-                f"search.sample_chunk={self.sample_chunk} must divide "
-                f"num_samples={self.num_samples}."
+                f"search.sample_chunk={self.sample_chunk}: use 0 (all at once) or more."
             )
 
     # Derived sizes of the GA's population.

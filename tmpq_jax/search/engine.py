@@ -1,11 +1,13 @@
 """One compiled program per generation: ask -> repair -> evaluate -> tell -> archive.
 
-`SearchState` is a single pytree (generation count, the strategy's state, the
-archive of every evaluated genome), so a checkpoint is one orbax save and a resume
-restores exactly what an uninterrupted run would hold. Keys come from
+`SearchState` is a single pytree (the seed, generation count, the strategy's
+state, the archive of every evaluated genome), so a checkpoint is one orbax save
+and a resume restores exactly what an uninterrupted run would hold. Keys come from
 `fold_in(key(seed), generation)`, never from the host: a resumed search draws the
-same genomes. Generation 0 (the seeded first population) is its own program;
-every later generation runs the same compiled `next_generation`.
+same genomes. The seed is traced, not baked in, so every seed runs the same
+compiled programs (and hits the persistent compilation cache). Generation 0 (the
+seeded first population) is its own program; every later generation runs the same
+compiled `next_generation`.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def _strong(tree):
 
 @struct.dataclass
 class SearchState:
+    seed: jax.Array  # int32: the search's seed (config `search.seed`)
     generation: jax.Array  # int32: generations done
     strategy: Any
     archive: Archive
@@ -96,8 +99,9 @@ class Engine:
             return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return sharding.replicated(self.mesh)
 
-    def _key(self, generation, stream: int):
-        base = jax.random.fold_in(jax.random.key(self.cfg.seed), generation)
+    @staticmethod
+    def _key(seed, generation, stream: int):
+        base = jax.random.fold_in(jax.random.key(seed), generation)
         return jax.random.fold_in(base, stream)
 
     def evaluate(self, assets: Assets, genomes: jax.Array):
@@ -117,27 +121,29 @@ class Engine:
         )
         return genomes, fid, fitness, bitops
 
-    def first_generation(self, assets: Assets) -> SearchState:
-        raw, genomes = self.strategy.first(self._key(0, 0))
+    def first_generation(self, assets: Assets, seed: jax.Array) -> SearchState:
+        """`seed`: int32 scalar (traced: one program serves every seed)."""
+        seed = jnp.asarray(seed, jnp.int32)
+        raw, genomes = self.strategy.first(self._key(seed, 0, 0))
         genomes, fid, fitness, bitops = self.evaluate(assets, genomes)
         if self.strategy.learns_repair:
             raw = genomes
-        state = self.strategy.start(self._key(0, 1), raw, fitness)
+        state = self.strategy.start(self._key(seed, 0, 1), raw, fitness)
         archive = Archive.empty(
             self.cfg.generations, self.cfg.population, genomes.shape[1]
         )
         archive = archive.put(0, genomes, fid, fitness, bitops)
-        return _strong(SearchState(jnp.int32(1), state, archive))
+        return _strong(SearchState(seed, jnp.int32(1), state, archive))
 
     def next_generation(self, assets: Assets, s: SearchState) -> SearchState:
         gen = s.generation
-        raw, genomes, state = self.strategy.ask(self._key(gen, 0), s.strategy)
+        raw, genomes, state = self.strategy.ask(self._key(s.seed, gen, 0), s.strategy)
         genomes, fid, fitness, bitops = self.evaluate(assets, genomes)
         if self.strategy.learns_repair:
             raw = genomes
-        state = self.strategy.tell(self._key(gen, 1), raw, fitness, state)
+        state = self.strategy.tell(self._key(s.seed, gen, 1), raw, fitness, state)
         archive = s.archive.put(gen, genomes, fid, fitness, bitops)
-        return _strong(SearchState(gen + 1, state, archive))
+        return _strong(SearchState(s.seed, gen + 1, state, archive))
 
     @functools.cached_property
     def programs(self):

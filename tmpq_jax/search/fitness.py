@@ -7,7 +7,7 @@ bit for bit to the fake-quant `quantized_apply`) -> the FMNIST classifier's
 features -> FID against the test statistics (`fid_from_features`, jittable). A
 population is mapped in chunks of `candidate_chunk` vmapped genomes
 (`lax.map(batch_size=...)`), so memory stays bounded, and samples can be drawn
-`sample_chunk` at a time. NaN/inf samples give `WORST_FID`, never a crash. Big
+`sample_chunk` at a time (the last chunk padded). NaN/inf samples give `WORST_FID`, never a crash. Big
 arrays travel as arguments (`Assets`), not constants.
 """
 
@@ -80,11 +80,15 @@ class Problem:
         def run(x):  # eta = 0: the key is unused
             return ddim_sample(jax.random.key(0), eps_fn, x, d.timesteps, assets.sched)
 
-        n = x_T.shape[0]
-        if not self.sample_chunk or self.sample_chunk >= n:
+        n, c = x_T.shape[0], self.sample_chunk
+        if not c or c >= n:
             return run(x_T)
-        chunks = x_T.reshape(n // self.sample_chunk, self.sample_chunk, *x_T.shape[1:])
-        return jax.lax.map(run, chunks).reshape(x_T.shape)
+        # A last partial chunk is filled with repeats of real noise (finite, so the
+        # NaN check stays meaningful) and its extra images dropped.
+        k = -(-n // c)
+        x = jnp.concatenate([x_T, x_T[: k * c - n]]) if k * c > n else x_T
+        out = jax.lax.map(run, x.reshape(k, c, *x.shape[1:]))
+        return out.reshape(x.shape)[:n]
 
     @functools.cached_property
     def jitted_sample(self):

@@ -102,6 +102,7 @@ def run_generations(
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = setup.run.search
     first, nxt = setup.engine.programs
+    seed = np.int32(cfg.seed)  # numpy: replicated on every process
     ckpts = TrainCheckpoints(workdir / "checkpoints")
     sig = signature(setup)
     latest = ckpts.latest_step()
@@ -116,7 +117,7 @@ def run_generations(
                     f"{workdir} holds another search ({'; '.join(diff[:3])}); "
                     "use another --workdir or delete its checkpoints."
                 )
-            like = jax.eval_shape(first, setup.assets)
+            like = jax.eval_shape(first, setup.assets, seed)
             state, _ = ckpts.restore(latest, like, setup.engine.replicated)
         # Process 0 keeps the log; orbax has every process save its checkpoint part.
         main = is_main_process()
@@ -138,7 +139,9 @@ def run_generations(
             if state is None:
                 # Committed, as a restored state is: the same compiled `next` serves
                 # a fresh run and a resumed one.
-                state = jax.device_put(first(setup.assets), setup.engine.replicated)
+                state = jax.device_put(
+                    first(setup.assets, seed), setup.engine.replicated
+                )
             else:
                 state = nxt(setup.assets, state)
             jax.block_until_ready(state)

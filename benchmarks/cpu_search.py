@@ -1,0 +1,61 @@
+"""How long `tmpq search`'s CPU default takes on this machine: the reduced protocol
+of configs/fmnist_search_cpu.py (population 8, 3 generations, 256 samples) run end
+to end on the shipped model, as the README's first command does.
+
+  JAX_PLATFORMS=cpu python -m benchmarks.cpu_search [--out-dir DIR]
+
+Writes cpu_search.json: CPU cores, wall seconds (whole job and per generation, the
+first including compilation), model forwards per second, the best genome's FIDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import provenance, write_json
+from tmpq_jax.config import load_config
+from tmpq_jax.search import SearchRunConfig, search
+from tmpq_jax.search.run import LOG_FILE
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search_cpu.py")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+    run = SearchRunConfig.from_configdict(load_config(CONFIG, []))
+    cfg = run.search
+    with tempfile.TemporaryDirectory() as wd:  # a fresh search, never a resumed one
+        t0 = time.perf_counter()
+        res = search(run, wd, progress=False)
+        wall = time.perf_counter() - t0
+        log = [json.loads(ln) for ln in (Path(wd) / LOG_FILE).read_text().splitlines()]
+    gen_s = [r["wall_s"] for r in log]
+    forwards = [
+        r["evaluated"] * cfg.num_samples * cfg.num_steps for r in log
+    ]  # the first generation's rate includes compilation
+    payload = {
+        **provenance(),
+        "cpu_cores": os.cpu_count(),
+        "config": "configs/fmnist_search_cpu.py",
+        "wall_s": round(wall, 1),
+        "generation_s": gen_s,
+        "forwards_per_s_after_first": round(sum(forwards[1:]) / sum(gen_s[1:]), 1),
+        "evaluations": res["evaluations"],
+        "fid_search": res["fid_search"],
+        "fid_rescored": res["rescored"]["fid"],
+        "rescore_samples": cfg.rescore_samples,
+        "total_bitops": res["total_bitops"],
+        "budget_bitops": res["budget_bitops"],
+    }
+    print(write_json("cpu_search.json", payload, args.out_dir))
+
+
+if __name__ == "__main__":
+    main()
