@@ -135,12 +135,19 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
 
 
 def merge(paths: list[str], out_dir: str | None) -> Path:
+    """One table from part files (a merged table may be one of them: its parts are
+    kept); a row measured again (same budget, method, seed) replaces the earlier."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [r for p in parts for r in p["rows"]]
+    rows = {}
+    for p in parts:
+        for r in p["rows"]:
+            rows.pop((r["budget"], r["method"], r["seed"]), None)
+            rows[(r["budget"], r["method"], r["seed"])] = r
+    keys = ("device", "date", "command")
     payload = {
         **parts[-1],
-        "rows": rows,
-        "parts": [{k: p[k] for k in ("device", "date", "command")} for p in parts],
+        "rows": list(rows.values()),
+        "parts": [{k: q[k] for k in keys} for p in parts for q in p.get("parts", [p])],
     }
     return write_json("search_table.json", payload, out_dir or RESULTS)
 

@@ -90,3 +90,36 @@ def test_quant_uniform_merge_keeps_fp_rows_once_and_renders(tmp_path):
     table = quant_uniform_table(merged)
     assert "| W8A8 | min-MSE | 10.500 | 1.05 |" in table
     assert "`cmd minmse`; `cmd dynamic`" in table
+
+
+def test_search_table_merge_keeps_parts_and_replaces_rerun_rows(tmp_path):
+    from benchmarks.search_table import merge as merge_table
+    from benchmarks.tables import search_table
+
+    def part(name, rows):
+        p = tmp_path / f"{name}.json"
+        head = {"device": "gpu", "date": "2026-01-01T00:00:00+00:00", "command": name}
+        p.write_text(json.dumps({**head, "rows": rows}))
+        return str(p)
+
+    def row(method, seed, fid):
+        return {
+            "budget": "w6a6",
+            "method": method,
+            "seed": seed,
+            "fid_10k": fid,
+            "fid_2k": fid,
+            "bitops": 1e11,
+            "budget_bitops": 1e11,
+            "evaluations": 810,
+        }
+
+    a = part("a", [row("joint", 0, 3.0), row("joint", 1, 4.0)])
+    b = part("b", [row("joint", 1, 3.5), row("joint", 2, 3.6)])
+    first = merge_table([a], str(tmp_path / "m1"))
+    out = json.loads(merge_table([str(first), b], str(tmp_path / "m2")).read_text())
+    assert [p["command"] for p in out["parts"]] == ["a", "b"]
+    got = [(r["seed"], r["fid_10k"]) for r in out["rows"]]
+    assert got == [(0, 3.0), (1, 3.5), (2, 3.6)]
+    text = search_table(out)
+    assert "3.37 ± 0.32 (3 seeds)" in text and "Not yet run at W6A6: precision" in text

@@ -98,7 +98,10 @@ def test_resume_equals_uninterrupted(setup, full_run, tmp_path):
     resumed = run_generations(setup, tmp_path, progress=False)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
-    log = [json.loads(ln) for ln in (tmp_path / "search_log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(ln)
+        for ln in (tmp_path / "search_log.jsonl").read_text().splitlines()
+    ]
     assert [r["generation"] for r in log] == [0, 1, 2]
     assert setup.engine.programs[1]._cache_size() == 1  # resume did not recompile
 
@@ -121,7 +124,9 @@ def test_sample_chunks_that_do_not_divide_give_the_same_images(setup):
     problem = setup.engine.problem
     cands = problem.candidates
     # static activation ranges: dynamic ones are taken over the batch sampled together
-    qparams = QParams(cands, jnp.full((len(problem.registry), 2, len(cands)), 3.0), None)
+    qparams = QParams(
+        cands, jnp.full((len(problem.registry), 2, len(cands)), 3.0), None
+    )
     assets = setup.assets.replace(qparams=qparams)
     genome = jnp.asarray(setup.space.seed)
     x_T = assets.noise  # 16 images: chunks of 6, 6 and a padded 4
