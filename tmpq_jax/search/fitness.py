@@ -7,8 +7,8 @@ bit for bit to the fake-quant `quantized_apply`) -> the FMNIST classifier's
 features -> FID against the test statistics (`fid_from_features`, jittable). A
 population is mapped in chunks of `candidate_chunk` vmapped genomes
 (`lax.map(batch_size=...)`), so memory stays bounded, and samples can be drawn
-`sample_chunk` at a time (the last chunk padded). NaN/inf samples give `WORST_FID`, never a crash. Big
-arrays travel as arguments (`Assets`), not constants.
+`sample_chunk` at a time (the last chunk padded). NaN/inf samples give `WORST_FID`,
+never a crash. Big arrays travel as arguments (`Assets`), not constants.
 """
 
 from __future__ import annotations
