@@ -2,7 +2,8 @@
 of configs/fmnist_search_cpu.py (population 8, 3 generations, 256 samples) run end
 to end on the shipped model, as the README's first command does.
 
-  JAX_PLATFORMS=cpu python -m benchmarks.cpu_search [--out-dir DIR]
+  JAX_PLATFORMS=cpu python -m benchmarks.cpu_search [--out-dir DIR] [--out NAME]
+  JAX_PLATFORMS=cpu taskset -c 0-7 python -m benchmarks.cpu_search --out cpu_search_8cores.json
 
 Writes cpu_search.json: CPU cores, wall seconds (whole job and per generation, the
 first including compilation), model forwards per second, the best genome's FIDs.
@@ -28,6 +29,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search_cp
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--out", default="cpu_search.json", help="file name")
     args = ap.parse_args()
     run = SearchRunConfig.from_configdict(load_config(CONFIG, []))
     cfg = run.search
@@ -42,7 +44,8 @@ def main() -> None:
     ]  # the first generation's rate includes compilation
     payload = {
         **provenance(),
-        "cpu_cores": os.cpu_count(),
+        "cpu_cores": len(os.sched_getaffinity(0)),  # what taskset left us
+        "cpu_model": _cpu_model(),
         "config": "configs/fmnist_search_cpu.py",
         "wall_s": round(wall, 1),
         "generation_s": gen_s,
@@ -54,7 +57,17 @@ def main() -> None:
         "total_bitops": res["total_bitops"],
         "budget_bitops": res["budget_bitops"],
     }
-    print(write_json("cpu_search.json", payload, args.out_dir))
+    print(write_json(args.out, payload, args.out_dir))
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 if __name__ == "__main__":

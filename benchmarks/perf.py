@@ -57,10 +57,12 @@ GiB = 2**30
 LATENCY_MODES = ("fp32_ddim100", "searched_fake_quant", "searched_int8_serve_f32")
 
 
-def _setup(samples: int, conv_dtype: str):
+def _setup(samples: int, conv_dtype: str, sample_chunk: int | None = None):
     cd = load_config(str(REPO / "configs" / "fmnist_search.py"), [])
     cd.search.num_samples = samples
     cd.search.conv_dtype = conv_dtype
+    if sample_chunk is not None:
+        cd.search.sample_chunk = sample_chunk
     run = SearchRunConfig.from_configdict(cd)
     return prepare(run, REPO / "runs" / "perf", progress=False)
 
@@ -120,15 +122,19 @@ def _ddim(eps, sched, timesteps):
 
 
 def fp_rate(setup, repeats) -> float:
-    """Plain float32 forward sampling of the same S images, the same 10 steps:
-    sample-steps/s."""
+    """Plain float32 forward sampling of the same S images, the same 10 steps, in
+    the search's sample chunks: sample-steps/s."""
     lm, assets, n = setup.lm, setup.assets, setup.space.num_steps
     run = jax.jit(
-        lambda params, x: _ddim(
-            lambda x, t: lm.model.apply({"params": params}, x, t),
-            assets.sched,
-            quad_timesteps(n),
-        )(x)
+        lambda params, x: _map_chunks(
+            _ddim(
+                lambda x, t: lm.model.apply({"params": params}, x, t),
+                assets.sched,
+                quad_timesteps(n),
+            ),
+            x,
+            setup.engine.problem.sample_chunk,
+        )
     )
     return (
         assets.noise.shape[0]
@@ -174,6 +180,49 @@ def paths(setup, p: int, repeats) -> dict:
         out[name] = p * work / time_fn(call, repeats=repeats)
         print(name, out[name], flush=True)
     return out
+
+
+def sample_chunks(setup, chunks, p: int, repeats, rows: list) -> list:
+    """Each candidate's S images drawn c at a time (`search.sample_chunk`, a
+    `lax.map` over chunks) against all at once (c = 0), one candidate at a time,
+    P genomes; the plain FP sampling chunked alike, for a fair ratio. Smaller
+    chunks keep a layer's activations in L2 (50 MB on an H100) between the
+    memory-bound GroupNorm/SiLU/quantizer passes. Rows appended as measured."""
+    problem, assets, lm = setup.engine.problem, setup.assets, setup.lm
+    n, s = problem.space.num_steps, assets.noise.shape[0]
+    g = _genomes(setup, p, seed=1)
+    for c in chunks:
+        pc = dataclasses.replace(problem, sample_chunk=c)
+        fid = jax.jit(pc.fid)
+        q = time_fn(lambda fid=fid: [fid(assets, x) for x in g], repeats=repeats)
+        fp = jax.jit(
+            lambda params, x, c=c: _map_chunks(
+                _ddim(
+                    lambda x, t: lm.model.apply({"params": params}, x, t),
+                    assets.sched,
+                    quad_timesteps(n),
+                ),
+                x,
+                c,
+            )
+        )
+        f = time_fn(fp, assets.params, assets.noise, repeats=repeats)
+        rows.append(
+            dict(
+                sample_chunk=c,
+                quant_sample_steps_per_s=p * s * n / q,
+                fp_sample_steps_per_s=s * n / f,
+            )
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _map_chunks(fn, x, c: int):
+    if not c or c >= x.shape[0]:
+        return fn(x)
+    k = x.shape[0] // c  # benchmark chunks divide S
+    return jax.lax.map(fn, x.reshape(k, c, *x.shape[1:])).reshape(x.shape)
 
 
 def static_recompile(setup, genomes: int) -> dict:
@@ -366,6 +415,16 @@ def main(argv=None) -> None:
     ap.add_argument("--ceiling-n", type=int, default=8192)
     ap.add_argument("--sampling-batch", type=int, default=2000)
     ap.add_argument(
+        "--sample-chunk",
+        type=int,
+        help="search.sample_chunk of every other section (default: the config's)",
+    )
+    ap.add_argument(
+        "--sample-chunks",
+        default="0,1000,500,250",
+        help="sample_chunks section: images drawn together per candidate (0: all)",
+    )
+    ap.add_argument(
         "--search-table",
         help="add paper_search_wall_s (the joint W6A6 row's wall time, setup, "
         "compile and re-scoring included) from a search_table.json to an existing "
@@ -389,7 +448,7 @@ def main(argv=None) -> None:
     pops = [int(v) for v in a.pops.split(",")]
     chunks = [int(v) for v in a.chunks.split(",")]
     t0 = time.perf_counter()
-    setup = _setup(a.samples, "float32")
+    setup = _setup(a.samples, "float32", a.sample_chunk)
     problem = setup.engine.problem
     raw = dict(
         provenance(),
@@ -400,6 +459,7 @@ def main(argv=None) -> None:
             flops_per_sample_step=2.0 * float(np.sum(setup.registry.macs)),
         ),
         conv_dtype=str(problem.conv_dtype),
+        sample_chunk=problem.sample_chunk,
     )
     sections = dict(
         fp_sample_steps_per_s=lambda: fp_rate(setup, a.repeats),
@@ -417,6 +477,13 @@ def main(argv=None) -> None:
         sampling=lambda: sampling(
             setup, a.sampling_batch, a.repeats, raw.setdefault("sampling", [])
         ),
+        sample_chunks=lambda: sample_chunks(
+            setup,
+            [int(v) for v in a.sample_chunks.split(",")],
+            min(pops),
+            a.repeats,
+            raw.setdefault("sample_chunks", []),
+        ),
     )
     only = set(a.only.split(",")) if a.only else None
     if only and (only - set(sections) or not a.resume):
@@ -428,7 +495,9 @@ def main(argv=None) -> None:
             keep = name not in only if only else _ok(done.get(name))
             if keep and name in done:
                 raw[name] = done[name]
-        raw["resumed_from"] = done.get("command")
+        chain = done.get("resumed_from") or []  # every earlier call's command
+        chain = chain if isinstance(chain, list) else [chain]
+        raw["resumed_from"] = [*chain, done.get("command")]
         for key in ("paper_search_wall_s", "paper_search"):  # not measured here
             if key in done:
                 raw[key] = done[key]

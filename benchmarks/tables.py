@@ -307,7 +307,28 @@ def _target(ok: bool) -> str:
 
 
 def perf_table(d: dict) -> str:
-    """The issue's four targets, then the layouts and memory, from perf.json."""
+    """The issue's four targets, then layouts, paths, sample chunks and sampling."""
+    parts = [
+        _perf_targets(d),
+        _perf_layouts(d),
+        _perf_paths(d),
+        _perf_sample_chunks(d),
+        _perf_sampling(d),
+    ]
+    chain = d.get("resumed_from") or []
+    chain = chain if isinstance(chain, list) else [chain]
+    src = [f"`{c}`" for c in [*chain, d["command"]]]
+    if d.get("paper_search"):
+        src.append(f"`{d['paper_search']['command']}`")
+    parts.append(
+        f"*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "
+        f"{'; '.join(src)}; `{d.get('vs_torch_eager_source', '')}` → "
+        "`benchmarks/results/perf.json`*"
+    )
+    return "\n\n".join(p for p in parts if p)
+
+
+def _perf_targets(d: dict) -> str:
     wall, q, torch = (
         d.get("paper_search_wall_s"),
         d.get("quant_vs_fp_throughput"),
@@ -348,79 +369,149 @@ def perf_table(d: dict) -> str:
             f"{static:.0f}x ({d['static_aqt_recompile']['seconds_per_genome']:.1f} s "
             "a genome) | |"
         )
+    return "\n".join(out)
+
+
+def _perf_layouts(d: dict) -> str:
     rows = d.get("layouts") or []
-    if rows:
-        out += [
-            "",
-            "| P | chunk | layout | sample-steps/s | peak memory (GiB) |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        mem = {m["chunk"]: m.get("peak_bytes") for m in d.get("memory") or []}
-        for r in rows:
-            rate = r.get("sample_steps_per_s")
-            peak = mem.get(r["chunk"])
-            out.append(
-                f"| {r['P']} | {r['chunk']} | {r['layout']} | "
-                f"{f'{rate:,.0f}' if rate else r.get('skipped', '—')} | "
-                f"{f'{peak / 2**30:.1f}' if peak else '—'} |"
-            )
-    paths = d.get("paths_sample_steps_per_s") or {}
-    if paths:
-        names = {
-            "quantize_every_step_f32": "weights quantized at every step (f32 convs)",
-            "frozen_f32": "weights frozen once per genome (f32 convs) — the default",
-            "frozen_bf16": "weights frozen once per genome, bf16 integer convs",
-        }
-        out += [
-            "",
-            "| one candidate at a time, P = 8 | sample-steps/s |",
-            "| --- | --- |",
-        ]
+    if not rows:
+        return ""
+    out = [
+        "| P | chunk | layout | sample-steps/s | peak memory (GiB) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    mem = {m["chunk"]: m.get("peak_bytes") for m in d.get("memory") or []}
+    for r in rows:
+        rate = r.get("sample_steps_per_s")
+        peak = mem.get(r["chunk"])
         out.append(
-            f"| plain full-precision forward, same images | "
-            f"{d['fp_sample_steps_per_s']:,.0f} |"
+            f"| {r['P']} | {r['chunk']} | {r['layout']} | "
+            f"{f'{rate:,.0f}' if rate else r.get('skipped', '—')} | "
+            f"{f'{peak / 2**30:.1f}' if peak else '—'} |"
         )
-        out += [f"| {names.get(k, k)} | {v:,.0f} |" for k, v in paths.items()]
+    return "\n".join(out)
+
+
+def _perf_paths(d: dict) -> str:
+    paths = d.get("paths_sample_steps_per_s") or {}
+    if not paths:
+        return ""
+    names = {
+        "quantize_every_step_f32": "weights quantized at every step (f32 convs)",
+        "frozen_f32": "weights frozen once per genome (f32 convs) — the default",
+        "frozen_bf16": "weights frozen once per genome, bf16 integer convs",
+    }
+    out = [
+        "| one candidate at a time, P = 8 | sample-steps/s |",
+        "| --- | --- |",
+        f"| plain full-precision forward, same images | "
+        f"{d['fp_sample_steps_per_s']:,.0f} |",
+    ]
+    out += [f"| {names.get(k, k)} | {v:,.0f} |" for k, v in paths.items()]
+    return "\n".join(out)
+
+
+def _perf_sample_chunks(d: dict) -> str:
+    rows = d.get("sample_chunks") or []
+    if not isinstance(rows, list) or not rows:
+        return ""
+    out = [
+        "| images drawn together per candidate (`sample_chunk`) | quantized "
+        "sample-steps/s | full precision | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        q, f = r["quant_sample_steps_per_s"], r["fp_sample_steps_per_s"]
+        c = r["sample_chunk"] or "all (0)"
+        out.append(f"| {c} | {q:,.0f} | {f:,.0f} | {q / f:.2f} |")
+    return "\n".join(out)
+
+
+def _perf_sampling(d: dict) -> str:
     sampling = d.get("sampling") or []
-    if isinstance(sampling, list) and sampling:
-        names = {
-            "fp32_ddim100": "full precision, DDIM 100 steps",
-            "fp32_ddim10_quad": "full precision, DDIM 10 quad steps",
-            "searched_fake_quant": "searched genome, fake-quant",
-            "searched_int8_serve_f32": "searched genome, served int8 (f32 convs)",
-            "searched_int8_serve_bf16": "searched genome, served int8 (bf16 convs)",
-            "searched_int8_serve_f32_closed_over": "searched genome, served int8, "
-            "weights closed over as constants",
-        }
-        out += [
-            "",
-            f"| sampling (batch {sampling[0]['batch']}) | steps | images/s "
-            "| latency, one image |",
-            "| --- | --- | --- | --- |",
-        ]
-        for r in sampling:
-            lat = r.get("latency_s")
-            out.append(
-                f"| {names.get(r['mode'], r['mode'])} | {r['steps']} | "
-                f"{r['images_per_s']:,.0f} | "
-                f"{'—' if lat is None else f'{1e3 * lat:.1f} ms'} |"
+    if not isinstance(sampling, list) or not sampling:
+        return ""
+    names = {
+        "fp32_ddim100": "full precision, DDIM 100 steps",
+        "fp32_ddim10_quad": "full precision, DDIM 10 quad steps",
+        "searched_fake_quant": "searched genome, fake-quant",
+        "searched_int8_serve_f32": "searched genome, served int8 (f32 convs)",
+        "searched_int8_serve_bf16": "searched genome, served int8 (bf16 convs)",
+        "searched_int8_serve_f32_closed_over": "searched genome, served int8, "
+        "weights closed over as constants",
+    }
+    out = [
+        f"| sampling (batch {sampling[0]['batch']}) | steps | images/s "
+        "| latency, one image |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in sampling:
+        lat = r.get("latency_s")
+        out.append(
+            f"| {names.get(r['mode'], r['mode'])} | {r['steps']} | "
+            f"{r['images_per_s']:,.0f} | "
+            f"{'—' if lat is None else f'{1e3 * lat:.1f} ms'} |"
+        )
+    return "\n".join(out)
+
+
+KERNEL_PROGRAMS = {
+    "quant_f32": "search fitness, f32 convs (the default)",
+    "quant_int8": "search fitness, int8 integer convs",
+    "quant_bf16": "search fitness, bf16 integer convs",
+    "quant_bf16_model": "search fitness, bf16 convs and bf16 activations",
+    "fp": "plain full-precision sampling",
+}
+
+
+def kernel_table(d: dict) -> str:
+    """GPU kernel time by kind per program, and the convolutions alone."""
+    kinds = ("convolution", "reduction", "elementwise", "gemm", "other")
+    out = [
+        f"| one candidate, {d['samples']} samples x 10 steps | ms | FID | "
+        + " | ".join(kinds)
+        + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in kinds) + " |",
+    ]
+    progs = d["programs"]
+    for key, name in KERNEL_PROGRAMS.items():
+        r = progs.get(key)
+        if not r or "error" in r:
+            continue
+        frac = r["fraction_by_kind"]
+        other = frac["other"] + frac["layout"]
+        cells = [f"{100 * frac[k]:.0f}%" for k in kinds[:-1]] + [f"{100 * other:.0f}%"]
+        fid = f"{r['value']:.4f}" if "value" in r else "—"
+        out.append(
+            f"| {name} | {1e3 * r['wall_s']:.0f} | {fid} | " + " | ".join(cells) + " |"
+        )
+    convs = []
+    for res, ch in ((28, 32), (14, 64), (7, 128)):
+        f32, bf = progs.get(f"conv_{res}_f32", {}), progs.get(f"conv_{res}_bf16", {})
+        if "conv_kernel_flops_per_s" in f32 and "conv_kernel_flops_per_s" in bf:
+            convs.append(
+                f"{res}x{res}x{ch}: {f32['conv_kernel_flops_per_s'] / 1e12:.0f} "
+                f"(bf16 {bf['conv_kernel_flops_per_s'] / 1e12:.0f})"
             )
-    src = [f"`{d['command']}`"]
-    if d.get("resumed_from"):
-        src.insert(0, f"`{d['resumed_from']}`")
-    if d.get("paper_search"):
-        src.append(f"`{d['paper_search']['command']}`")
+    if convs:
+        out.append(
+            "\nOne 3x3 convolution of the UNet alone, its kernel's TFLOP/s, f32 "
+            f"(bf16 in, f32 out): {'; '.join(convs)}."
+        )
     out.append(
         f"\n*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "
-        f"{'; '.join(src)}; `{d.get('vs_torch_eager_source', '')}` → "
-        "`benchmarks/results/perf.json`*"
+        f"`{d['command']}` → `benchmarks/results/kernel_breakdown.json`*"
     )
     return "\n".join(out)
 
 
 def render_perf() -> str:
     if d := _load("perf.json"):
-        return perf_table(d)
+        text = perf_table(d)
+        if k := _load("kernel_breakdown.json"):
+            text += "\n\nWhere the GPU's time goes (`python -m benchmarks.kernel_breakdown`: "
+            text += "kernel time by kind, from a profiler trace):\n\n" + kernel_table(k)
+        return text
     return "Not yet measured: `python -m benchmarks.perf` writes `benchmarks/results/perf.json`."
 
 

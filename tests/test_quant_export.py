@@ -123,16 +123,18 @@ def test_traced_freeze_under_vmap_equals_fake_quant_per_genome(setup):
         np.testing.assert_array_equal(got[i], s["fake"](b, s["qparams"]))
 
 
-def test_bf16_integer_convs_equal_the_float32_path(setup):
-    """Integer operands (|q| <= 127) are exact in bfloat16 and their products sum
-    exactly in float32: the bf16 SERVE conv gives AQT's float32 output."""
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.int8])
+def test_integer_convs_equal_the_float32_path(setup, dtype):
+    """Integer operands (|q| <= 127) are exact in bfloat16 (products summed in
+    float32) and in int8 (summed in int32): both SERVE convs give AQT's float32
+    output."""
     s = setup
-    bf16 = jax.jit(
+    fn = jax.jit(
         lambda qm: serve_apply(
-            s["model"], qm, *s["inputs"], registry=s["reg"], conv_dtype=jnp.bfloat16
+            s["model"], qm, *s["inputs"], registry=s["reg"], conv_dtype=dtype
         )
     )
-    np.testing.assert_array_equal(bf16(s["qmodel"]), s["serve"](s["qmodel"]))
+    np.testing.assert_array_equal(fn(s["qmodel"]), s["serve"](s["qmodel"]))
 
 
 class ToyNet(nn.Module):  # a second architecture: circular/depthwise convs, dense

@@ -347,16 +347,18 @@ def served_conv_general_dilated(
 
 
 def _integer_conv(act: ActQuant, qvalue: jax.Array, scale: jax.Array, conv_dtype):
-    """SERVE conv with both operands' integer values (|q| <= 127) in `conv_dtype`:
-    exact in bfloat16 (8 significant bits), products exact and summed in float32,
-    so the output equals AQT's float32 conv of the same integers wherever the
-    partial sums stay below 2**24 (in practice everywhere), at bf16 speed. Scales
-    are applied afterwards in AQT's order (activation scale, then kernel scale)."""
+    """SERVE conv with both operands' integer values (|q| <= 127) in `conv_dtype`.
+    int8: summed in int32. bfloat16: exact (8 significant bits), products exact and
+    summed in float32. Either way the output equals AQT's float32 conv of the same
+    integers wherever the partial sums stay below 2**24 (in practice everywhere).
+    Scales are applied afterwards in AQT's order (activation scale, then kernel)."""
+
+    integer = jnp.issubdtype(conv_dtype, jnp.integer)
 
     def fn(lhs, rhs, window_strides, padding, **conv_kwargs):
         del rhs  # the frozen kernel replaces it
         conv_kwargs.pop("precision", None)
-        conv_kwargs["preferred_element_type"] = jnp.float32
+        conv_kwargs["preferred_element_type"] = jnp.int32 if integer else jnp.float32
         lhs_qt = _quant(lhs, act, None)
         out = lax.conv_general_dilated(
             lhs_qt.qvalue.astype(conv_dtype),
@@ -365,7 +367,7 @@ def _integer_conv(act: ActQuant, qvalue: jax.Array, scale: jax.Array, conv_dtype
             padding,
             **conv_kwargs,
         )
-        out = out * lhs_qt.scale[0]
+        out = out.astype(jnp.float32) * lhs_qt.scale[0]
         shape = (1,) * (out.ndim - 1) + (scale.shape[-1],)
         return (out * jnp.reshape(scale, shape)).astype(lhs.dtype)
 

@@ -1,0 +1,266 @@
+"""Where the device's time goes: kernel time by kind, from a profiler trace (issue [5/7]).
+
+Each program runs once to compile, then `--repeats` times under `jax.profiler.trace`;
+every kernel of the trace is put in one kind through the compiled HLO it ran
+(`hlo_op`): convolution (cuDNN custom call), gemm (cuBLAS or a Triton/cuDNN
+fusion), reduction (XLA input fusion: GroupNorm statistics, softmax, FID, and the
+UNet's skip concatenations, which XLA also emits as input fusions),
+elementwise (XLA loop fusion: normalize, SiLU, quantizers, residual adds), layout
+(copy/transpose) or other. Programs, on the shipped model at the paper's shapes:
+
+  * quant_f32: the search's fitness of one genome (samples + FID), float32 convs;
+  * quant_bf16: the same with bfloat16 integer convolutions;
+  * quant_int8: int8 integer convolutions with int32 sums;
+  * quant_bf16_model: bfloat16 integer convolutions and bfloat16 activations
+    throughout (`model.dtype`; not exact: compare the FID it gives);
+  * fp: the plain full-precision sampling of the same images and steps;
+  * conv_<res>_<dtype>: one 3x3 convolution of the UNet at each resolution alone,
+    in float32, bf16 -> f32 and int8 -> int32 (where the backend has it): what the
+    convolution kernels reach without the model's elementwise work around them.
+
+  python -m benchmarks.kernel_breakdown                   # on the GPU
+  python -m benchmarks.kernel_breakdown --samples 16 --out /tmp/k.json  # CPU check
+
+Command buffers (CUDA graphs) are turned off, so every kernel shows in the trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import RESULTS, provenance, time_fn, write_json
+
+CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+KINDS = ("convolution", "gemm", "reduction", "elementwise", "layout", "other")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\(")
+
+
+def hlo_kinds(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> kind, for the instructions of optimized HLO text."""
+    kinds = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, op = m.groups()
+        kinds[name] = _kind(op, line)
+    return kinds
+
+
+def _kind(op: str, line: str) -> str:
+    low = line.lower()
+    if op == "custom-call":
+        if "conv" in low:
+            return "convolution"
+        return "gemm" if ("gemm" in low or "cublas" in low) else "other"
+    if op == "fusion":
+        if "kind=kcustom" in low:
+            return "convolution" if "conv" in low else "gemm"
+        if "kind=kinput" in low:
+            return "reduction"
+        if "kind=kloop" in low:
+            return "elementwise"
+        return "other"
+    if op in ("copy", "transpose", "copy-start", "copy-done"):
+        return "layout"
+    if op in ("convolution",):
+        return "convolution"
+    if op in ("dot",):
+        return "gemm"
+    if op in ("reduce", "reduce-window"):
+        return "reduction"
+    return "other"
+
+
+def _kind_by_name(kernel: str) -> str:
+    """Fallback for kernels without an `hlo_op`, by the kernel's own name."""
+    low = kernel.lower()
+    if any(s in low for s in ("conv", "fprop", "dgrad", "wgrad", "implicit")):
+        return "convolution"
+    if any(s in low for s in ("gemm", "cutlass", "xmma", "matmul")):
+        return "gemm"
+    if "reduce" in low or "reduction" in low:
+        return "reduction"
+    if "transpose" in low or "copy" in low:
+        return "layout"
+    return "other"
+
+
+def kernel_events(trace: dict) -> list[dict]:
+    """The device's kernel events of a perfetto trace: on GPU the stream lines of
+    the device process; elsewhere the events that name an hlo_op."""
+    ev = trace.get("traceEvents", [])
+    procs = {e["pid"]: e["args"]["name"] for e in ev if e.get("name") == "process_name"}
+    threads = {
+        (e["pid"], e.get("tid")): e["args"]["name"]
+        for e in ev
+        if e.get("name") == "thread_name"
+    }
+    dev = {p for p, n in procs.items() if "/device:" in n and "CPU" not in n}
+    out = []
+    for e in ev:
+        if e.get("ph") != "X":
+            continue
+        if dev:
+            line = threads.get((e["pid"], e.get("tid")), "")
+            if e["pid"] in dev and line.startswith("Stream"):
+                out.append(e)
+        elif "hlo_op" in e.get("args", {}):
+            out.append(e)
+    return out
+
+
+def breakdown(events: list[dict], kinds: dict[str, str], repeats: int) -> dict:
+    """Per-run microseconds by kind, and the costliest kernels."""
+    by_kind = collections.Counter()
+    by_kernel = collections.Counter()
+    for e in events:
+        op = e.get("args", {}).get("hlo_op")
+        kind = kinds.get(op) if op else None
+        kind = kind or _kind_by_name(e["name"])
+        by_kind[kind] += e["dur"] / repeats
+        by_kernel[(kind, op or e["name"][:80])] += e["dur"] / repeats
+    busy = sum(by_kind.values())
+    return dict(
+        busy_us=busy,
+        kernels_per_run=len(events) / repeats,
+        us_by_kind={k: by_kind.get(k, 0.0) for k in KINDS},
+        fraction_by_kind={
+            k: by_kind.get(k, 0.0) / busy if busy else 0.0 for k in KINDS
+        },
+        top=[dict(kind=k, op=op, us=us) for (k, op), us in by_kernel.most_common(15)],
+    )
+
+
+def profile(fn, *args, repeats: int = 3) -> dict:
+    """Compiles and warms `fn`, then traces `repeats` runs: wall and kernel time."""
+    jfn = jax.jit(fn)
+    compiled = jfn.lower(*args).compile()
+    kinds = hlo_kinds(compiled.as_text())
+    wall = time_fn(compiled, *args, repeats=repeats)
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(repeats):
+                y = jax.block_until_ready(compiled(*args))
+        (path,) = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
+        trace = json.load(gzip.open(path))
+    row = dict(wall_s=wall, **breakdown(kernel_events(trace), kinds, repeats))
+    if jnp.ndim(y) == 0:  # a fitness: the FID it gave, to compare the variants
+        row["value"] = float(y)
+    return row
+
+
+def _model_programs(samples: int):
+    """The search's fitness (f32 / bf16 convs) and the FP sampling, as (fn, args)."""
+    from benchmarks.perf import _ddim, _setup
+    from tmpq_jax.diffusion.schedules import quad_timesteps
+    from tmpq_jax.models.unet import UNet
+
+    setup = _setup(samples, "float32")
+    problem, assets, lm = setup.engine.problem, setup.assets, setup.lm
+    g = setup.space.random(jax.random.key(0), 1)[0]
+    bf16 = dataclasses.replace(problem, conv_dtype=jnp.bfloat16)
+    bf16_model = dataclasses.replace(
+        bf16, model=UNet(dataclasses.replace(lm.config, dtype="bfloat16"))
+    )
+    n = setup.space.num_steps
+    fp = lambda params, x: _ddim(
+        lambda x, t: lm.model.apply({"params": params}, x, t),
+        assets.sched,
+        quad_timesteps(n),
+    )(x)
+    flops = 2.0 * float(np.sum(setup.registry.macs)) * samples * n
+    return flops, dict(
+        quant_f32=(problem.fid, (assets, g)),
+        quant_bf16=(bf16.fid, (assets, g)),
+        quant_bf16_model=(bf16_model.fid, (assets, g)),
+        quant_int8=(dataclasses.replace(problem, conv_dtype=jnp.int8).fid, (assets, g)),
+        fp=(fp, (assets.params, assets.noise)),
+    )
+
+
+def _conv_programs(samples: int):
+    """One 3x3 conv per UNet resolution (28/32ch, 14/64ch, 7/128ch), three dtypes."""
+    progs = {}
+    for res, ch in ((28, 32), (14, 64), (7, 128)):
+        x = jnp.round(
+            jax.random.uniform(jax.random.key(1), (samples, res, res, ch)) * 60
+        )
+        w = jnp.round(jax.random.uniform(jax.random.key(2), (3, 3, ch, ch)) * 60 - 30)
+
+        def conv(a, b, out=None):
+            return jax.lax.conv_general_dilated(
+                a, b, (1, 1), "SAME", dimension_numbers=CONV_DIMS,
+                preferred_element_type=out,
+            )  # fmt: skip
+
+        flops = 2.0 * samples * res * res * 9 * ch * ch
+        progs[f"conv_{res}_f32"] = (flops, conv, (x, w))
+        progs[f"conv_{res}_bf16"] = (
+            flops,
+            lambda a, b: conv(a, b, jnp.float32),
+            (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)),
+        )
+        progs[f"conv_{res}_int8"] = (
+            flops,
+            lambda a, b: conv(a, b, jnp.int32),
+            (x.astype(jnp.int8), w.astype(jnp.int8)),
+        )
+    return progs
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", help="comma-separated program names")
+    ap.add_argument("--out", default=str(RESULTS / "kernel_breakdown.json"))
+    a = ap.parse_args(argv)
+    # before the backend starts: kernels inside CUDA graphs would not be traced
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
+    out = Path(a.out)
+    only = set(a.only.split(",")) if a.only else None
+    t0 = time.perf_counter()
+    flops, model = _model_programs(a.samples)
+    progs = {k: (flops, *v) for k, v in model.items()}
+    progs.update(_conv_programs(a.samples))
+    raw = dict(provenance(), samples=a.samples, repeats=a.repeats, programs={})
+    for name, (fl, fn, args) in progs.items():
+        if only and name not in only:
+            continue
+        try:
+            row = profile(fn, *args, repeats=a.repeats)
+            row["flops"] = fl
+            row["flops_per_s"] = fl / row["wall_s"]
+            conv_us = row["us_by_kind"]["convolution"]
+            if name.startswith("conv_") and conv_us:
+                row["conv_kernel_flops_per_s"] = fl / (conv_us * 1e-6)
+        except Exception as e:  # noqa: BLE001 - e.g. int8 convs unsupported
+            row = dict(error=f"{type(e).__name__}: {e}"[:400])
+        raw["programs"][name] = row
+        brief = {
+            k: row.get(k) for k in ("wall_s", "busy_us", "fraction_by_kind", "error")
+        }
+        print(name, json.dumps(brief, default=str), flush=True)
+        write_json(out.name, raw, out.parent)
+    raw["wall_s"] = time.perf_counter() - t0
+    write_json(out.name, raw, out.parent)
+
+
+if __name__ == "__main__":
+    main()

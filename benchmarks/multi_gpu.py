@@ -1,0 +1,113 @@
+"""The search's population sharded over 1, 2, ... devices of one host: generation
+wall time and evaluations per second against the device count (issue [6/7]).
+
+Each device count runs in its own process (`CUDA_VISIBLE_DEVICES` on a GPU host;
+forced host devices on a CPU), the paper protocol (`configs/fmnist_search.py`) for
+`--generations` generations, no re-scoring. The first generation compiles; the
+rate is taken over the later ones. The best FID per generation is kept, to show
+the sharded search follows the same path as the single-device one.
+
+  python -m benchmarks.multi_gpu --devices 1,2            # on a 2-GPU host
+  JAX_PLATFORMS=cpu python -m benchmarks.multi_gpu --devices 1,2 --generations 2 \
+      --override search.num_samples=136 --override search.population=4 --out /tmp/m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, provenance, write_json
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search.py")
+
+
+def worker(generations: int, overrides: list[str], out: Path) -> None:
+    """One device count: run the generations, write their log and the mesh."""
+    import jax
+
+    from tmpq_jax.config import load_config
+    from tmpq_jax.search import SearchRunConfig, prepare
+    from tmpq_jax.search.run import LOG_FILE, run_generations
+    from tmpq_jax.search.sharding import search_mesh
+
+    cd = load_config(CONFIG, [f"search.generations={generations}", *overrides])
+    run = SearchRunConfig.from_configdict(cd)
+    with tempfile.TemporaryDirectory() as wd:
+        t0 = time.perf_counter()
+        setup = prepare(run, Path(wd), progress=False)
+        run_generations(setup, wd, progress=False)
+        wall = time.perf_counter() - t0
+        log = [json.loads(x) for x in (Path(wd) / LOG_FILE).read_text().splitlines()]
+    mesh = search_mesh(run.search)
+    later = log[1:]
+    payload = dict(
+        devices=jax.device_count(),
+        device_kind=jax.devices()[0].device_kind,
+        mesh=dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)),
+        wall_s=wall,
+        generation_s=[r["wall_s"] for r in log],
+        best_fitness_by_generation=[r["best_fitness_so_far"] for r in log],
+        evaluations_per_s_after_first=(
+            sum(r["evaluated"] for r in later) / sum(r["wall_s"] for r in later)
+            if later
+            else None
+        ),
+    )
+    out.write_text(json.dumps(payload))
+
+
+def _env(n: int) -> dict:
+    env = dict(os.environ)
+    if env.get("JAX_PLATFORMS", "").startswith("cpu"):
+        flags = env.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+    return env
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", default="1,2")
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--override", action="append", default=[], help="KEY=VALUE")
+    ap.add_argument("--out", default=str(RESULTS / "multi_gpu.json"))
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(a.generations, a.override, a.worker)
+    out = Path(a.out)
+    raw = dict(provenance(), config="configs/fmnist_search.py",
+               generations=a.generations, overrides=a.override, rows=[])  # fmt: skip
+    for n in [int(v) for v in a.devices.split(",")]:
+        with tempfile.TemporaryDirectory() as d:
+            res = Path(d) / "row.json"
+            cmd = [sys.executable, "-m", "benchmarks.multi_gpu", "--worker", str(res),
+                   "--generations", str(a.generations)]  # fmt: skip
+            for o in a.override:
+                cmd += ["--override", o]
+            p = subprocess.run(cmd, env=_env(n), capture_output=True, text=True)
+            if p.returncode or not res.exists():
+                row = dict(devices=n, error=p.stderr.strip().splitlines()[-3:])
+            else:
+                row = json.loads(res.read_text())
+        raw["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        write_json(out.name, raw, out.parent)
+    base = raw["rows"][0].get("evaluations_per_s_after_first")
+    for r in raw["rows"]:
+        rate = r.get("evaluations_per_s_after_first")
+        if base and rate:
+            r["speedup"] = rate / base
+    write_json(out.name, raw, out.parent)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The benchmarks' own logic, on synthetic inputs (no device, no timing)."""
+
+from benchmarks.kernel_breakdown import breakdown, hlo_kinds, kernel_events
+
+HLO = """
+ENTRY %main {
+  %p0 = f32[8,28,28,32]{3,2,1,0} parameter(0)
+  %cudnn-conv.1 = (f32[8,28,28,32]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %w), window={size=3x3}, custom_call_target="__cudnn$convForward"
+  %gemm.2 = (f32[64,96]{1,0}, s8[4]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm"
+  %input_reduce_fusion = (f32[8,8]{1,0}, f32[8,8]{1,0}) fusion(%x), kind=kInput, calls=%fused_reduce
+  ROOT %loop_multiply_fusion.3 = f32[8,28,28,32]{3,2,1,0} fusion(%y, %z), kind=kLoop, calls=%fused_mul
+  %copy.4 = f32[8,32,28,28]{3,2,1,0} copy(%y)
+  %triton_gemm = f32[64,96]{1,0} fusion(%a, %b), kind=kCustom, calls=%triton_gemm_computation
+}
+"""
+
+
+def _trace(events):
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name",
+         "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "pid": 2, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}},
+    ]  # fmt: skip
+    return {"traceEvents": meta + events}
+
+
+def _ev(tid, name, dur, op=None, pid=2):
+    args = {"hlo_op": op} if op else {}
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": dur, "name": name,
+            "args": args}  # fmt: skip
+
+
+def test_hlo_kinds_names_each_instruction_kind():
+    k = hlo_kinds(HLO)
+    assert k["cudnn-conv.1"] == "convolution"
+    assert k["gemm.2"] == "gemm"
+    assert k["input_reduce_fusion"] == "reduction"
+    assert k["loop_multiply_fusion.3"] == "elementwise"
+    assert k["copy.4"] == "layout"
+    assert k["triton_gemm"] == "gemm"
+    assert k["p0"] == "other"
+
+
+def test_breakdown_counts_stream_kernels_once_per_run():
+    """Only the device's stream lines count (the derived 'XLA Ops' line repeats the
+    same kernels, host events are not device time); time is per run."""
+    events = [
+        _ev(7, "sm90_xmma_fprop", 30.0, "cudnn-conv.1"),
+        _ev(7, "loop_multiply_fusion_3", 10.0, "loop_multiply_fusion.3"),
+        _ev(7, "input_reduce_fusion", 20.0, "input_reduce_fusion"),
+        _ev(7, "some_cutlass_gemm_kernel", 40.0),  # no hlo_op: by its name
+        _ev(9, "cudnn-conv.1", 30.0, "cudnn-conv.1"),  # derived line: ignored
+        _ev(1, "PjitFunction", 500.0, pid=1),  # host: ignored
+    ]
+    got = breakdown(kernel_events(_trace(events)), hlo_kinds(HLO), repeats=2)
+    assert got["busy_us"] == 50.0
+    assert got["kernels_per_run"] == 2.0
+    assert got["us_by_kind"] == {
+        "convolution": 15.0, "gemm": 20.0, "reduction": 10.0,
+        "elementwise": 5.0, "layout": 0.0, "other": 0.0,
+    }  # fmt: skip
+    assert abs(sum(got["fraction_by_kind"].values()) - 1) < 1e-9
+    assert got["top"][0] == dict(kind="gemm", op="some_cutlass_gemm_kernel", us=20.0)
