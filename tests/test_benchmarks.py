@@ -63,3 +63,22 @@ def test_breakdown_counts_stream_kernels_once_per_run():
     }  # fmt: skip
     assert abs(sum(got["fraction_by_kind"].values()) - 1) < 1e-9
     assert got["top"][0] == dict(kind="gemm", op="some_cutlass_gemm_kernel", us=20.0)
+
+
+def test_multi_gpu_summary_skips_compiling_generations():
+    from benchmarks.multi_gpu import summarize
+
+    raw = {
+        "rows": [
+            {"devices": 1, "generation_s": [60.0, 20.0, 5.0, 5.0],
+             "evaluated_by_generation": [50, 40, 40, 40]},
+            {"devices": 2, "generation_s": [40.0, 20.0, 2.5, 2.5],
+             "evaluated_by_generation": [50, 40, 40, 40]},
+            {"devices": 4, "error": ["OOM"]},
+        ]
+    }  # fmt: skip
+    rows = summarize(raw)["rows"]
+    assert rows[0]["steady_generation_s"] == 5.0
+    assert rows[0]["evaluations_per_s_steady"] == 8.0
+    assert rows[1]["speedup"] == 2.0 and rows[1]["scaling_efficiency"] == 1.0
+    assert "speedup" not in rows[2]
