@@ -1,25 +1,30 @@
 """Where the device's time goes: kernel time by kind, from a profiler trace (issue [5/7]).
 
 Each program runs once to compile, then `--repeats` times under `jax.profiler.trace`;
-every kernel of the trace is put in one kind through the compiled HLO it ran
-(`hlo_op`): convolution (cuDNN custom call), gemm (cuBLAS or a Triton/cuDNN
-fusion), reduction (XLA input fusion: GroupNorm statistics, softmax, FID, and the
-UNet's skip concatenations, which XLA also emits as input fusions),
-elementwise (XLA loop fusion: normalize, SiLU, quantizers, residual adds), layout
-(copy/transpose) or other. Programs, on the shipped model at the paper's shapes:
+every kernel of the trace is put in one kind through the compiled HLO instruction it
+ran (`hlo_op`; by its target, fusion kind and name, not its metadata): convolution
+(cuDNN custom call), gemm (cuBLAS or a Triton/cuDNN fusion), reduction (XLA input
+fusion: GroupNorm statistics, softmax, FID), concatenate (the UNet's skip
+concatenations, which XLA also emits as input fusions; a concatenation fused with a
+reduction counts as reduction), elementwise (XLA loop fusion: normalize, SiLU,
+quantizers, residual adds), layout (copy/transpose) or other. `top` names the
+costliest kernels with their HLO instruction. Programs, on the shipped model at the
+paper's shapes:
 
   * quant_f32: the search's fitness of one genome (samples + FID), float32 convs;
   * quant_bf16: the same with bfloat16 integer convolutions;
-  * quant_int8: int8 integer convolutions with int32 sums;
+  * quant_int8: int8 integer convolutions with int32 sums (whether XLA runs them
+    as int8 kernels shows in `top`);
   * quant_bf16_model: bfloat16 integer convolutions and bfloat16 activations
     throughout (`model.dtype`; not exact: compare the FID it gives);
   * fp: the plain full-precision sampling of the same images and steps;
   * conv_<res>_<dtype>: one 3x3 convolution of the UNet at each resolution alone,
-    in float32, bf16 -> f32 and int8 -> int32 (where the backend has it): what the
-    convolution kernels reach without the model's elementwise work around them.
+    float32, and bf16 or int8 operands with float32 output: what the convolution
+    kernels reach without the model's other work around them.
 
   python -m benchmarks.kernel_breakdown                   # on the GPU
-  python -m benchmarks.kernel_breakdown --samples 16 --out /tmp/k.json  # CPU check
+  python -m benchmarks.kernel_breakdown --samples 136 --out /tmp/k.json  # CPU check
+  python -m benchmarks.kernel_breakdown --only conv_28_f32,conv_28_int8
 
 Command buffers (CUDA graphs) are turned off, so every kernel shows in the trace.
 """
@@ -45,8 +50,18 @@ import numpy as np
 from benchmarks.common import RESULTS, provenance, time_fn, write_json
 
 CONV_DIMS = ("NHWC", "HWIO", "NHWC")
-KINDS = ("convolution", "gemm", "reduction", "elementwise", "layout", "other")
+KINDS = (
+    "convolution",
+    "gemm",
+    "reduction",
+    "concatenate",
+    "elementwise",
+    "layout",
+    "other",
+)
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\(")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
 def hlo_kinds(hlo_text: str) -> dict[str, str]:
@@ -57,22 +72,32 @@ def hlo_kinds(hlo_text: str) -> dict[str, str]:
         if not m:
             continue
         name, op = m.groups()
-        kinds[name] = _kind(op, line)
+        kinds[name] = _kind(name, op, line)
     return kinds
 
 
-def _kind(op: str, line: str) -> str:
-    low = line.lower()
+def _kind(name: str, op: str, line: str) -> str:
+    """By the instruction's own fields (its name, custom-call target, fusion kind
+    and called computation), never its metadata: a gemm's op_name may say conv."""
     if op == "custom-call":
-        if "conv" in low:
+        m = _TARGET.search(line)
+        target = m.group(1).lower() if m else ""
+        if "conv" in target:
             return "convolution"
-        return "gemm" if ("gemm" in low or "cublas" in low) else "other"
+        return "gemm" if ("gemm" in target or "matmul" in target) else "other"
     if op == "fusion":
-        if "kind=kcustom" in low:
-            return "convolution" if "conv" in low else "gemm"
-        if "kind=kinput" in low:
-            return "reduction"
-        if "kind=kloop" in low:
+        calls = _CALLS.search(line)
+        callee = calls.group(1).lower() if calls else ""
+        if "kind=kCustom" in line:
+            return "convolution" if "conv" in callee else "gemm"
+        if "kind=kInput" in line:  # XLA emits concatenations as input fusions too
+            low = name.lower()
+            return (
+                "concatenate"
+                if "concatenate" in low and "reduce" not in low
+                else "reduction"
+            )
+        if "kind=kLoop" in line:
             return "elementwise"
         return "other"
     if op in ("copy", "transpose", "copy-start", "copy-done"):
@@ -83,6 +108,8 @@ def _kind(op: str, line: str) -> str:
         return "gemm"
     if op in ("reduce", "reduce-window"):
         return "reduction"
+    if op == "concatenate":
+        return "concatenate"
     return "other"
 
 
@@ -102,7 +129,9 @@ def _kind_by_name(kernel: str) -> str:
 
 def kernel_events(trace: dict) -> list[dict]:
     """The device's kernel events of a perfetto trace: on GPU the stream lines of
-    the device process; elsewhere the events that name an hlo_op."""
+    the device process (its other lines repeat the same kernels); elsewhere the
+    events that name an hlo_op (on the CPU these overlap across threads, so the
+    kinds' shares are of summed thread time, not of wall time)."""
     ev = trace.get("traceEvents", [])
     procs = {e["pid"]: e["args"]["name"] for e in ev if e.get("name") == "process_name"}
     threads = {
@@ -110,7 +139,7 @@ def kernel_events(trace: dict) -> list[dict]:
         for e in ev
         if e.get("name") == "thread_name"
     }
-    dev = {p for p, n in procs.items() if "/device:" in n and "CPU" not in n}
+    dev = {p for p, n in procs.items() if "/device:GPU" in n}
     out = []
     for e in ev:
         if e.get("ph") != "X":
@@ -133,7 +162,7 @@ def breakdown(events: list[dict], kinds: dict[str, str], repeats: int) -> dict:
         kind = kinds.get(op) if op else None
         kind = kind or _kind_by_name(e["name"])
         by_kind[kind] += e["dur"] / repeats
-        by_kernel[(kind, op or e["name"][:80])] += e["dur"] / repeats
+        by_kernel[(kind, op or "", e["name"][:100])] += e["dur"] / repeats
     busy = sum(by_kind.values())
     return dict(
         busy_us=busy,
@@ -142,7 +171,10 @@ def breakdown(events: list[dict], kinds: dict[str, str], repeats: int) -> dict:
         fraction_by_kind={
             k: by_kind.get(k, 0.0) / busy if busy else 0.0 for k in KINDS
         },
-        top=[dict(kind=k, op=op, us=us) for (k, op), us in by_kernel.most_common(15)],
+        top=[
+            dict(kind=k, op=op, kernel=name, us=us)
+            for (k, op, name), us in by_kernel.most_common(15)
+        ],
     )
 
 
@@ -165,9 +197,9 @@ def profile(fn, *args, repeats: int = 3) -> dict:
 
 
 def _model_programs(samples: int):
-    """The search's fitness (f32 / bf16 convs) and the FP sampling, as (fn, args)."""
-    from benchmarks.perf import _ddim, _setup
-    from tmpq_jax.diffusion.schedules import quad_timesteps
+    """The search's fitness under each conv variant and the FP sampling, as
+    {name: (flops, fn, args)}, and the number of steps."""
+    from benchmarks.perf import _setup, fp_sampler
     from tmpq_jax.models.unet import UNet
 
     setup = _setup(samples, "float32")
@@ -177,26 +209,28 @@ def _model_programs(samples: int):
     bf16_model = dataclasses.replace(
         bf16, model=UNet(dataclasses.replace(lm.config, dtype="bfloat16"))
     )
+    int8 = dataclasses.replace(problem, conv_dtype=jnp.int8)
     n = setup.space.num_steps
-    fp = lambda params, x: _ddim(
-        lambda x, t: lm.model.apply({"params": params}, x, t),
-        assets.sched,
-        quad_timesteps(n),
-    )(x)
     flops = 2.0 * float(np.sum(setup.registry.macs)) * samples * n
-    return flops, dict(
+    progs = dict(
         quant_f32=(problem.fid, (assets, g)),
         quant_bf16=(bf16.fid, (assets, g)),
         quant_bf16_model=(bf16_model.fid, (assets, g)),
-        quant_int8=(dataclasses.replace(problem, conv_dtype=jnp.int8).fid, (assets, g)),
-        fp=(fp, (assets.params, assets.noise)),
+        quant_int8=(int8.fid, (assets, g)),
+        fp=(fp_sampler(lm, assets.sched, n), (assets.params, assets.noise)),
     )
+    return {k: (flops, *v) for k, v in progs.items()}, n
+
+
+MODEL_PROGRAMS = ("quant_f32", "quant_bf16", "quant_bf16_model", "quant_int8", "fp")
+CONV_SHAPES = ((28, 32), (14, 64), (7, 128))  # (resolution, channels) of the UNet
 
 
 def _conv_programs(samples: int):
-    """One 3x3 conv per UNet resolution (28/32ch, 14/64ch, 7/128ch), three dtypes."""
+    """One 3x3 conv per UNet resolution, f32, bf16 and int8 operands (f32 out for
+    both integer-valued kinds: cuDNN's int8 convolutions give s8 or f32)."""
     progs = {}
-    for res, ch in ((28, 32), (14, 64), (7, 128)):
+    for res, ch in CONV_SHAPES:
         x = jnp.round(
             jax.random.uniform(jax.random.key(1), (samples, res, res, ch)) * 60
         )
@@ -217,7 +251,7 @@ def _conv_programs(samples: int):
         )
         progs[f"conv_{res}_int8"] = (
             flops,
-            lambda a, b: conv(a, b, jnp.int32),
+            lambda a, b: conv(a, b, jnp.float32),
             (x.astype(jnp.int8), w.astype(jnp.int8)),
         )
     return progs
@@ -236,10 +270,13 @@ def main(argv=None) -> None:
     out = Path(a.out)
     only = set(a.only.split(",")) if a.only else None
     t0 = time.perf_counter()
-    flops, model = _model_programs(a.samples)
-    progs = {k: (flops, *v) for k, v in model.items()}
+    progs, steps = {}, None
+    if not only or only & set(MODEL_PROGRAMS):
+        progs, steps = _model_programs(a.samples)
     progs.update(_conv_programs(a.samples))
-    raw = dict(provenance(), samples=a.samples, repeats=a.repeats, programs={})
+    raw = dict(
+        provenance(), samples=a.samples, steps=steps, repeats=a.repeats, programs={}
+    )
     for name, (fl, fn, args) in progs.items():
         if only and name not in only:
             continue

@@ -10,9 +10,9 @@ over each device count's (every count evaluates the same genomes a generation).
 The best fitness per generation is kept, to compare the sharded search's path
 with the single-device one's.
 
-  python -m benchmarks.multi_gpu --devices 1,2            # on a 2-GPU host
+  python -m benchmarks.multi_gpu --devices 1,2 --generations 5   # on a 2-GPU host
   python -m benchmarks.multi_gpu --summarize benchmarks/results/multi_gpu.json
-  JAX_PLATFORMS=cpu python -m benchmarks.multi_gpu --devices 1,2 --generations 2 \
+  JAX_PLATFORMS=cpu python -m benchmarks.multi_gpu --devices 1,2 --generations 3 \
       --override search.num_samples=136 --override search.population=4 --out /tmp/m.json
 """
 
@@ -63,19 +63,23 @@ def worker(generations: int, overrides: list[str], out: Path) -> None:
 
 
 def _env(n: int) -> dict:
+    """The first n GPUs (of those CUDA_VISIBLE_DEVICES leaves), or n forced CPU
+    devices under JAX_PLATFORMS=cpu."""
     env = dict(os.environ)
     if env.get("JAX_PLATFORMS", "").startswith("cpu"):
         flags = env.get("XLA_FLAGS", "")
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     else:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(n)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:n])
     return env
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", default="1,2")
-    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--generations", type=int, default=5)
     ap.add_argument("--override", action="append", default=[], help="KEY=VALUE")
     ap.add_argument("--out", default=str(RESULTS / "multi_gpu.json"))
     ap.add_argument("--summarize", type=Path, help="recompute an existing file's rates")
@@ -102,6 +106,8 @@ def main(argv=None) -> None:
                 row = dict(devices=n, error=p.stderr.strip().splitlines()[-3:])
             else:
                 row = json.loads(res.read_text())
+                if row["devices"] != n:  # fewer GPUs than asked, or no GPU at all
+                    row = dict(devices=n, error=f"asked {n}, JAX saw {row['devices']}")
         raw["rows"].append(row)
         print(json.dumps(row), flush=True)
         write_json(out.name, raw, out.parent)

@@ -50,6 +50,7 @@ from tmpq_jax.genome_file import read_genome
 from tmpq_jax.quant import export
 from tmpq_jax.quant.supernet import quantized_apply
 from tmpq_jax.search import SearchRunConfig, prepare
+from tmpq_jax.search.fitness import map_in_chunks
 
 REPO = Path(__file__).resolve().parent.parent
 GENOME = REPO / "docs" / "search_w6a6_seed0_result.json"
@@ -125,17 +126,7 @@ def fp_rate(setup, repeats) -> float:
     """Plain float32 forward sampling of the same S images, the same 10 steps, in
     the search's sample chunks: sample-steps/s."""
     lm, assets, n = setup.lm, setup.assets, setup.space.num_steps
-    run = jax.jit(
-        lambda params, x: _map_chunks(
-            _ddim(
-                lambda x, t: lm.model.apply({"params": params}, x, t),
-                assets.sched,
-                quad_timesteps(n),
-            ),
-            x,
-            setup.engine.problem.sample_chunk,
-        )
-    )
+    run = jax.jit(fp_sampler(lm, assets.sched, n, setup.engine.problem.sample_chunk))
     return (
         assets.noise.shape[0]
         * n
@@ -195,17 +186,7 @@ def sample_chunks(setup, chunks, p: int, repeats, rows: list) -> list:
         pc = dataclasses.replace(problem, sample_chunk=c)
         fid = jax.jit(pc.fid)
         q = time_fn(lambda fid=fid: [fid(assets, x) for x in g], repeats=repeats)
-        fp = jax.jit(
-            lambda params, x, c=c: _map_chunks(
-                _ddim(
-                    lambda x, t: lm.model.apply({"params": params}, x, t),
-                    assets.sched,
-                    quad_timesteps(n),
-                ),
-                x,
-                c,
-            )
-        )
+        fp = jax.jit(fp_sampler(lm, assets.sched, n, c))
         f = time_fn(fp, assets.params, assets.noise, repeats=repeats)
         rows.append(
             dict(
@@ -218,11 +199,15 @@ def sample_chunks(setup, chunks, p: int, repeats, rows: list) -> list:
     return rows
 
 
-def _map_chunks(fn, x, c: int):
-    if not c or c >= x.shape[0]:
-        return fn(x)
-    k = x.shape[0] // c  # benchmark chunks divide S
-    return jax.lax.map(fn, x.reshape(k, c, *x.shape[1:])).reshape(x.shape)
+def fp_sampler(lm, sched, num_steps: int, chunk: int = 0):
+    """(params, x_T) -> images: the plain float model's DDIM over the quad steps,
+    `chunk` images at a time (0: all)."""
+
+    def run(params, x):
+        eps = lambda x, t: lm.model.apply({"params": params}, x, t)
+        return map_in_chunks(_ddim(eps, sched, quad_timesteps(num_steps)), x, chunk)
+
+    return run
 
 
 def static_recompile(setup, genomes: int) -> dict:

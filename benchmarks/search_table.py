@@ -33,6 +33,7 @@ from tmpq_jax.metrics import fid
 from tmpq_jax.quant import cost
 from tmpq_jax.search import SearchRunConfig, prepare, search
 from tmpq_jax.search.outputs import rescore, rescore_images
+from tmpq_jax.search.run import LOG_FILE
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search.py")
 BUDGETS = {
@@ -111,6 +112,8 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
         r.update(evaluations=1)
     else:
         wd = root / budget / f"{method}_s{seed}"
+        log = wd / LOG_FILE  # generations an earlier, cut-off call already ran
+        before = len(log.read_text().splitlines()) if log.exists() else 0
         res = search(run, wd, progress=False)
         r = {
             "fid_2k": res["fid_search"],
@@ -122,6 +125,7 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
             "evaluations": res["evaluations"],
             "layers": res["layers"],
             "workdir": str(wd),
+            "generations_logged_before": before,  # > 0: resumed, wall_s is the rest
         }
         budget_total = res["budget_bitops"]
     r.update(

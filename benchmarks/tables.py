@@ -466,12 +466,13 @@ KERNEL_PROGRAMS = {
 
 def kernel_table(d: dict) -> str:
     """GPU kernel time by kind per program, and the convolutions alone."""
-    kinds = ("convolution", "reduction", "elementwise", "gemm", "other")
+    kinds = ("convolution", "reduction", "concatenate", "elementwise", "gemm")
+    steps = f" x {d['steps']} steps" if d.get("steps") else ""
     out = [
-        f"| one candidate, {d['samples']} samples x 10 steps | ms | FID | "
+        f"| one candidate, {d['samples']} samples{steps} | ms | FID | "
         + " | ".join(kinds)
-        + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in kinds) + " |",
+        + " | other |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in kinds) + " | --- |",
     ]
     progs = d["programs"]
     for key, name in KERNEL_PROGRAMS.items():
@@ -480,23 +481,27 @@ def kernel_table(d: dict) -> str:
             continue
         frac = r["fraction_by_kind"]
         other = frac["other"] + frac["layout"]
-        cells = [f"{100 * frac[k]:.0f}%" for k in kinds[:-1]] + [f"{100 * other:.0f}%"]
+        cells = [f"{100 * frac[k]:.0f}%" if k in frac else "—" for k in kinds]
         fid = f"{r['value']:.4f}" if "value" in r else "—"
         out.append(
-            f"| {name} | {1e3 * r['wall_s']:.0f} | {fid} | " + " | ".join(cells) + " |"
+            f"| {name} | {1e3 * r['wall_s']:.0f} | {fid} | "
+            + " | ".join(cells)
+            + f" | {100 * other:.0f}% |"
         )
     convs = []
-    for res, ch in ((28, 32), (14, 64), (7, 128)):
-        f32, bf = progs.get(f"conv_{res}_f32", {}), progs.get(f"conv_{res}_bf16", {})
+    for key, f32 in progs.items():
+        m = re.fullmatch(r"conv_(\d+)_f32", key)
+        bf = progs.get(f"conv_{m.group(1)}_bf16", {}) if m else {}
         if "conv_kernel_flops_per_s" in f32 and "conv_kernel_flops_per_s" in bf:
             convs.append(
-                f"{res}x{res}x{ch}: {f32['conv_kernel_flops_per_s'] / 1e12:.0f} "
+                f"{m.group(1)}x{m.group(1)}: {f32['conv_kernel_flops_per_s'] / 1e12:.0f} "
                 f"(bf16 {bf['conv_kernel_flops_per_s'] / 1e12:.0f})"
             )
     if convs:
         out.append(
-            "\nOne 3x3 convolution of the UNet alone, its kernel's TFLOP/s, f32 "
-            f"(bf16 in, f32 out): {'; '.join(convs)}."
+            "\nOne 3x3 convolution of the UNet alone (each resolution's channel count "
+            "in and out), its kernel's TFLOP/s, f32 (bf16 in, f32 out): "
+            f"{'; '.join(convs)}."
         )
     out.append(
         f"\n*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "

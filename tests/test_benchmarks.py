@@ -11,6 +11,9 @@ ENTRY %main {
   ROOT %loop_multiply_fusion.3 = f32[8,28,28,32]{3,2,1,0} fusion(%y, %z), kind=kLoop, calls=%fused_mul
   %copy.4 = f32[8,32,28,28]{3,2,1,0} copy(%y)
   %triton_gemm = f32[64,96]{1,0} fusion(%a, %b), kind=kCustom, calls=%triton_gemm_computation
+  %custom-call.5 = (f32[8,784,64]{2,1,0}, s8[4]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/down_0_res_0/skip/conv_general_dilated"}
+  %input_concatenate_fusion.1 = f32[8,14,14,128]{3,2,1,0} fusion(%h, %s), kind=kInput, calls=%fused_concatenate.1
+  %input_concatenate_reduce_fusion = (f32[8,8]{1,0}, f32[8,14,14,128]{3,2,1,0}) fusion(%h, %s), kind=kInput, calls=%fused_concat_reduce
 }
 """
 
@@ -41,6 +44,10 @@ def test_hlo_kinds_names_each_instruction_kind():
     assert k["copy.4"] == "layout"
     assert k["triton_gemm"] == "gemm"
     assert k["p0"] == "other"
+    # a 1x1 conv XLA turned into a cuBLAS gemm: its metadata says conv, it is a gemm
+    assert k["custom-call.5"] == "gemm"
+    assert k["input_concatenate_fusion.1"] == "concatenate"
+    assert k["input_concatenate_reduce_fusion"] == "reduction"
 
 
 def test_breakdown_counts_stream_kernels_once_per_run():
@@ -58,11 +65,31 @@ def test_breakdown_counts_stream_kernels_once_per_run():
     assert got["busy_us"] == 50.0
     assert got["kernels_per_run"] == 2.0
     assert got["us_by_kind"] == {
-        "convolution": 15.0, "gemm": 20.0, "reduction": 10.0,
+        "convolution": 15.0, "gemm": 20.0, "reduction": 10.0, "concatenate": 0.0,
         "elementwise": 5.0, "layout": 0.0, "other": 0.0,
     }  # fmt: skip
     assert abs(sum(got["fraction_by_kind"].values()) - 1) < 1e-9
-    assert got["top"][0] == dict(kind="gemm", op="some_cutlass_gemm_kernel", us=20.0)
+    assert got["top"][0] == dict(
+        kind="gemm", op="", kernel="some_cutlass_gemm_kernel", us=20.0
+    )
+    assert got["top"][1]["op"] == "cudnn-conv.1"
+
+
+def test_breakdown_without_a_gpu_takes_the_events_naming_an_hlo_op():
+    trace = {
+        "traceEvents": [
+            {
+                "ph": "M",
+                "pid": 1,
+                "name": "process_name",
+                "args": {"name": "/host:CPU"},
+            },
+            _ev(3, "cudnn-conv.1", 8.0, "cudnn-conv.1", pid=1),
+            _ev(3, "PjitFunction(f)", 100.0, pid=1),  # host bookkeeping: no hlo_op
+        ]
+    }
+    got = breakdown(kernel_events(trace), hlo_kinds(HLO), repeats=1)
+    assert got["busy_us"] == 8.0 and got["us_by_kind"]["convolution"] == 8.0
 
 
 def test_multi_gpu_summary_skips_compiling_generations():

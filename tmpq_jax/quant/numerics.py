@@ -306,8 +306,8 @@ def served_conv_general_dilated(
     """AQT SERVE: a `lax.conv_general_dilated` replacement for `nn.Conv` whose kernel
     is the frozen (qvalue, scale); the `rhs` it is called with is ignored.
 
-    `conv_dtype` (e.g. bfloat16): run the convolution itself on the integer values
-    in that dtype with float32 accumulation (`_integer_conv`); None: AQT's own op."""
+    `conv_dtype` (bfloat16 or int8): run the convolution itself on the integer
+    values in that dtype (`_integer_conv`); None: AQT's own op."""
     if conv_dtype is not None:
         return _integer_conv(act, qvalue, scale, conv_dtype)
 

@@ -47,6 +47,19 @@ class Assets:
     noise: jax.Array  # the fixed noise batch x_T: [S, H, W, C]
 
 
+def map_in_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
+    """`fn` over the leading axis of `x`, `chunk` rows at a time (`lax.map`; 0 or
+    >= len: all at once). A last partial chunk is filled with repeats of real rows
+    (finite, so a NaN check stays meaningful) and its extra outputs dropped."""
+    n = x.shape[0]
+    if not chunk or chunk >= n:
+        return fn(x)
+    k = -(-n // chunk)
+    xp = jnp.concatenate([x, x[: k * chunk - n]]) if k * chunk > n else x
+    out = jax.lax.map(fn, xp.reshape(k, chunk, *x.shape[1:]))
+    return out.reshape(k * chunk, *out.shape[2:])[:n]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Problem:
     """The static half: the model's code, its layers, the genome box."""
@@ -57,7 +70,7 @@ class Problem:
     candidates: tuple[int, ...]
     candidate_chunk: int = 1
     sample_chunk: int = 0
-    conv_dtype: Any = None  # integer-valued conv operands in bf16: see numerics
+    conv_dtype: Any = None  # integer-valued conv operands in this dtype: see numerics
 
     def sample(self, assets: Assets, genome: jax.Array, x_T: jax.Array) -> jax.Array:
         """Images of one genome from x_T (unclipped x_0)."""
@@ -80,15 +93,7 @@ class Problem:
         def run(x):  # eta = 0: the key is unused
             return ddim_sample(jax.random.key(0), eps_fn, x, d.timesteps, assets.sched)
 
-        n, c = x_T.shape[0], self.sample_chunk
-        if not c or c >= n:
-            return run(x_T)
-        # A last partial chunk is filled with repeats of real noise (finite, so the
-        # NaN check stays meaningful) and its extra images dropped.
-        k = -(-n // c)
-        x = jnp.concatenate([x_T, x_T[: k * c - n]]) if k * c > n else x_T
-        out = jax.lax.map(run, x.reshape(k, c, *x.shape[1:]))
-        return out.reshape(x.shape)[:n]
+        return map_in_chunks(run, x_T, self.sample_chunk)
 
     @functools.cached_property
     def jitted_sample(self):
