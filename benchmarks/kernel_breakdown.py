@@ -199,7 +199,8 @@ def profile(fn, *args, repeats: int = 3) -> dict:
 def _model_programs(samples: int):
     """The search's fitness under each conv variant and the FP sampling, as
     {name: (flops, fn, args)}, and the number of steps."""
-    from benchmarks.perf import _setup, fp_sampler
+    from benchmarks.perf import _setup
+    from benchmarks.perf_sampling import fp_sampler
     from tmpq_jax.models.unet import UNet
 
     setup = _setup(samples, "float32")

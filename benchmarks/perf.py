@@ -43,19 +43,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import RESULTS, provenance, time_fn, write_json
+from benchmarks.perf_sampling import (
+    _ddim,
+    _genomes,
+    fp_sampler,
+    sample_chunks,
+    sampling,
+)
 from tmpq_jax.config import load_config
-from tmpq_jax.diffusion.samplers import ddim_sample
-from tmpq_jax.diffusion.schedules import quad_timesteps, uniform_timesteps
-from tmpq_jax.genome_file import read_genome
-from tmpq_jax.quant import export
 from tmpq_jax.quant.supernet import quantized_apply
 from tmpq_jax.search import SearchRunConfig, prepare
-from tmpq_jax.search.fitness import map_in_chunks
 
 REPO = Path(__file__).resolve().parent.parent
-GENOME = REPO / "docs" / "search_w6a6_seed0_result.json"
 GiB = 2**30
-LATENCY_MODES = ("fp32_ddim100", "searched_fake_quant", "searched_int8_serve_f32")
 
 
 def _setup(samples: int, conv_dtype: str, sample_chunk: int | None = None):
@@ -66,10 +66,6 @@ def _setup(samples: int, conv_dtype: str, sample_chunk: int | None = None):
         cd.search.sample_chunk = sample_chunk
     run = SearchRunConfig.from_configdict(cd)
     return prepare(run, REPO / "runs" / "perf", progress=False)
-
-
-def _genomes(setup, p: int, seed: int = 0) -> jax.Array:
-    return setup.space.random(jax.random.key(seed), p)
 
 
 def _chunk_fn(problem):
@@ -115,11 +111,6 @@ def layouts(setup, pops, chunks, fits_bytes, repeats, into: dict) -> dict:
             rows.append(dict(row, seconds=t, sample_steps_per_s=p * work / t))
             print(rows[-1], flush=True)
     return into
-
-
-def _ddim(eps, sched, timesteps):
-    ts = jnp.asarray(timesteps, jnp.int32)
-    return lambda x: ddim_sample(jax.random.key(0), eps, x, ts, sched)
 
 
 def fp_rate(setup, repeats) -> float:
@@ -173,43 +164,6 @@ def paths(setup, p: int, repeats) -> dict:
     return out
 
 
-def sample_chunks(setup, chunks, p: int, repeats, rows: list) -> list:
-    """Each candidate's S images drawn c at a time (`search.sample_chunk`, a
-    `lax.map` over chunks) against all at once (c = 0), one candidate at a time,
-    P genomes; the plain FP sampling chunked alike, for a fair ratio. Smaller
-    chunks keep a layer's activations in L2 (50 MB on an H100) between the
-    memory-bound GroupNorm/SiLU/quantizer passes. Rows appended as measured."""
-    problem, assets, lm = setup.engine.problem, setup.assets, setup.lm
-    n, s = problem.space.num_steps, assets.noise.shape[0]
-    g = _genomes(setup, p, seed=1)
-    for c in chunks:
-        pc = dataclasses.replace(problem, sample_chunk=c)
-        fid = jax.jit(pc.fid)
-        q = time_fn(lambda fid=fid: [fid(assets, x) for x in g], repeats=repeats)
-        fp = jax.jit(fp_sampler(lm, assets.sched, n, c))
-        f = time_fn(fp, assets.params, assets.noise, repeats=repeats)
-        rows.append(
-            dict(
-                sample_chunk=c,
-                quant_sample_steps_per_s=p * s * n / q,
-                fp_sample_steps_per_s=s * n / f,
-            )
-        )
-        print(rows[-1], flush=True)
-    return rows
-
-
-def fp_sampler(lm, sched, num_steps: int, chunk: int = 0):
-    """(params, x_T) -> images: the plain float model's DDIM over the quad steps,
-    `chunk` images at a time (0: all)."""
-
-    def run(params, x):
-        eps = lambda x, t: lm.model.apply({"params": params}, x, t)
-        return map_in_chunks(_ddim(eps, sched, quad_timesteps(num_steps)), x, chunk)
-
-    return run
-
-
 def static_recompile(setup, genomes: int) -> dict:
     """Bits as compile-time constants (stock static-bit configs): every genome
     compiles its own program. Seconds per genome, compile included."""
@@ -245,71 +199,6 @@ def bf16_ceiling(n: int) -> float:
     a = jnp.ones((n, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     return 2 * n**3 / time_fn(f, a, a, repeats=5)
-
-
-def sampling(setup, batch: int, repeats, rows: list) -> list:
-    """Images/s at `batch` and single-image latency: FP 100-step DDIM; the searched
-    genome (its 10 timesteps) fake-quant, and served from int8 (f32 / bf16 convs).
-    Rows are appended to `rows` as measured (kept if the call is cut off)."""
-    lm, reg, assets = setup.lm, setup.registry, setup.assets
-    genome = read_genome(GENOME, reg, num_timesteps=lm.diffusion.num_timesteps)
-    qm = export.convert(lm.params, reg, genome.bits, assets.qparams, genome.candidates)
-    # Weights and calibration are jit arguments, as `tmpq sample` passes them
-    # (the last mode closes over the int8 weights as constants instead).
-    fake = lambda v, q: (
-        lambda x, t: quantized_apply(
-            lm.model,
-            {"params": v},
-            x,
-            t,
-            bits=genome.bits,
-            registry=reg,
-            qparams=q,
-            candidates=genome.candidates,
-        )
-    )
-    serve = lambda dt: (
-        lambda v, q: (
-            lambda x, t: export.serve_apply(
-                lm.model, v, x, t, registry=reg, conv_dtype=dt
-            )
-        )
-    )
-    fp = lambda v, q: lambda x, t: lm.model.apply({"params": v}, x, t)
-    p, q = lm.params, assets.qparams
-    modes = dict(
-        fp32_ddim100=(fp, p, uniform_timesteps(100)),
-        searched_fake_quant=(fake, p, genome.timesteps),
-        searched_int8_serve_f32=(serve(None), qm, genome.timesteps),
-        searched_int8_serve_bf16=(serve(jnp.bfloat16), qm, genome.timesteps),
-        fp32_ddim10_quad=(fp, p, quad_timesteps(10)),
-        # the int8 weights as compile-time constants (closed over), for contrast
-        searched_int8_serve_f32_closed_over=(
-            lambda v, q: serve(None)(qm, q),
-            None,
-            genome.timesteps,
-        ),
-    )
-    for name, (eps, v, ts) in modes.items():
-        run = jax.jit(
-            lambda v, q, x, eps=eps, ts=ts: _ddim(eps(v, q), assets.sched, ts)(x)
-        )
-        x = jax.random.normal(jax.random.key(3), (batch, *assets.noise.shape[1:]))
-        t_big = time_fn(run, v, q, x, repeats=repeats)
-        t_one = None
-        if name in LATENCY_MODES:
-            t_one = time_fn(run, v, q, x[:1], repeats=max(repeats, 5))
-        rows.append(
-            dict(
-                mode=name,
-                steps=len(ts),
-                batch=batch,
-                images_per_s=batch / t_big,
-                latency_s=t_one,
-            )
-        )
-        print(rows[-1], flush=True)
-    return rows
 
 
 def _error(raw: dict, name: str, message: str) -> None:
@@ -389,7 +278,7 @@ def add_paper_search(out: Path, table_file: Path) -> None:
     write_json(out.name, summarize(raw), out.parent)
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--pops", default="8,16,40")
@@ -425,28 +314,14 @@ def main(argv=None) -> None:
         help="with --resume: run just these sections (comma-separated), keep the "
         "others as they are in the resumed file (measured or not)",
     )
-    a = ap.parse_args(argv)
-    out = Path(a.out)
-    if a.search_table:
-        add_paper_search(out, Path(a.search_table))
-        return
+    return ap
+
+
+def _sections(setup, a, raw: dict) -> dict:
+    """Section name -> measurement, in the order they run."""
     pops = [int(v) for v in a.pops.split(",")]
     chunks = [int(v) for v in a.chunks.split(",")]
-    t0 = time.perf_counter()
-    setup = _setup(a.samples, "float32", a.sample_chunk)
-    problem = setup.engine.problem
-    raw = dict(
-        provenance(),
-        shapes=dict(
-            samples=a.samples,
-            steps=problem.space.num_steps,
-            image=list(setup.assets.noise.shape[1:]),
-            flops_per_sample_step=2.0 * float(np.sum(setup.registry.macs)),
-        ),
-        conv_dtype=str(problem.conv_dtype),
-        sample_chunk=problem.sample_chunk,
-    )
-    sections = dict(
+    return dict(
         fp_sample_steps_per_s=lambda: fp_rate(setup, a.repeats),
         bf16_ceiling_flops_per_s=lambda: bf16_ceiling(a.ceiling_n),
         paths_sample_steps_per_s=lambda: paths(setup, min(pops), a.repeats),
@@ -470,22 +345,51 @@ def main(argv=None) -> None:
             raw.setdefault("sample_chunks", []),
         ),
     )
+
+
+def _resume(raw: dict, sections: dict, resume: str, only: set | None) -> None:
+    """Copies into `raw` the sections an earlier (cut-off) call on the same device
+    measured: all of them, or with `only`, all but those."""
+    done = json.loads(Path(resume).read_text())
+    for name in sections:
+        keep = name not in only if only else _ok(done.get(name))
+        if keep and name in done:
+            raw[name] = done[name]
+    chain = done.get("resumed_from") or []  # every earlier call's command
+    chain = chain if isinstance(chain, list) else [chain]
+    raw["resumed_from"] = [*chain, done.get("command")]
+    for key in ("paper_search_wall_s", "paper_search"):  # not measured here
+        if key in done:
+            raw[key] = done[key]
+
+
+def main(argv=None) -> None:
+    a = _parser().parse_args(argv)
+    out = Path(a.out)
+    if a.search_table:
+        add_paper_search(out, Path(a.search_table))
+        return
+    t0 = time.perf_counter()
+    setup = _setup(a.samples, "float32", a.sample_chunk)
+    problem = setup.engine.problem
+    raw = dict(
+        provenance(),
+        shapes=dict(
+            samples=a.samples,
+            steps=problem.space.num_steps,
+            image=list(setup.assets.noise.shape[1:]),
+            flops_per_sample_step=2.0 * float(np.sum(setup.registry.macs)),
+        ),
+        conv_dtype=str(problem.conv_dtype),
+        sample_chunk=problem.sample_chunk,
+    )
+    sections = _sections(setup, a, raw)
     only = set(a.only.split(",")) if a.only else None
     if only and (only - set(sections) or not a.resume):
         raise SystemExit(f"--only {a.only}: give sections of {list(sections)} "
                          "with --resume")  # fmt: skip
-    if a.resume:  # sections measured by an earlier (cut-off) call, same device
-        done = json.loads(Path(a.resume).read_text())
-        for name in sections:
-            keep = name not in only if only else _ok(done.get(name))
-            if keep and name in done:
-                raw[name] = done[name]
-        chain = done.get("resumed_from") or []  # every earlier call's command
-        chain = chain if isinstance(chain, list) else [chain]
-        raw["resumed_from"] = [*chain, done.get("command")]
-        for key in ("paper_search_wall_s", "paper_search"):  # not measured here
-            if key in done:
-                raw[key] = done[key]
+    if a.resume:
+        _resume(raw, sections, a.resume, only)
     for name, fn in sections.items():
         if name not in raw:
             _section(raw, name, fn, out)
