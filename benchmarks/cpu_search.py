@@ -12,7 +12,6 @@ first including compilation), model forwards per second, the best genome's FIDs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import provenance, write_json
 from tmpq_jax.config import load_config
 from tmpq_jax.search import SearchRunConfig, search
-from tmpq_jax.search.run import LOG_FILE
+from tmpq_jax.search.run import read_log
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search_cpu.py")
 
@@ -37,7 +36,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = search(run, wd, progress=False)
         wall = time.perf_counter() - t0
-        log = [json.loads(ln) for ln in (Path(wd) / LOG_FILE).read_text().splitlines()]
+        log = read_log(wd)
     gen_s = [r["wall_s"] for r in log]
     forwards = [
         r["evaluated"] * cfg.num_samples * cfg.num_steps for r in log

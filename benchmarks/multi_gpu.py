@@ -38,7 +38,7 @@ def worker(generations: int, overrides: list[str], out: Path) -> None:
 
     from tmpq_jax.config import load_config
     from tmpq_jax.search import SearchRunConfig, prepare
-    from tmpq_jax.search.run import LOG_FILE, run_generations
+    from tmpq_jax.search.run import read_log, run_generations
     from tmpq_jax.search.sharding import search_mesh
 
     cd = load_config(CONFIG, [f"search.generations={generations}", *overrides])
@@ -48,7 +48,7 @@ def worker(generations: int, overrides: list[str], out: Path) -> None:
         setup = prepare(run, Path(wd), progress=False)
         run_generations(setup, wd, progress=False)
         wall = time.perf_counter() - t0
-        log = [json.loads(x) for x in (Path(wd) / LOG_FILE).read_text().splitlines()]
+        log = read_log(wd)
     mesh = search_mesh(run.search)
     payload = dict(
         devices=jax.device_count(),

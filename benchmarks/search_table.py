@@ -33,7 +33,7 @@ from tmpq_jax.metrics import fid
 from tmpq_jax.quant import cost
 from tmpq_jax.search import SearchRunConfig, prepare, search
 from tmpq_jax.search.outputs import rescore, rescore_images
-from tmpq_jax.search.run import LOG_FILE
+from tmpq_jax.search.run import read_log
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search.py")
 BUDGETS = {
@@ -112,8 +112,7 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
         r.update(evaluations=1)
     else:
         wd = root / budget / f"{method}_s{seed}"
-        log = wd / LOG_FILE  # generations an earlier, cut-off call already ran
-        before = len(log.read_text().splitlines()) if log.exists() else 0
+        before = len(read_log(wd))  # generations an earlier, cut-off call ran
         res = search(run, wd, progress=False)
         r = {
             "fid_2k": res["fid_search"],

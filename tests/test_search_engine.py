@@ -22,6 +22,7 @@ from tmpq_jax.sampling import LoadedModel
 from tmpq_jax.search import SearchConfig, SearchRunConfig, build_setup, run_generations
 from tmpq_jax.search.fitness import WORST_FID
 from tmpq_jax.search.outputs import write_outputs
+from tmpq_jax.search.run import read_log
 
 SEARCH = dict(
     population=4,
@@ -98,11 +99,9 @@ def test_resume_equals_uninterrupted(setup, full_run, tmp_path):
     resumed = run_generations(setup, tmp_path, progress=False)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
-    log = [
-        json.loads(ln)
-        for ln in (tmp_path / "search_log.jsonl").read_text().splitlines()
-    ]
+    log = read_log(tmp_path)
     assert [r["generation"] for r in log] == [0, 1, 2]
+    assert read_log(tmp_path / "nowhere") == []
     assert setup.engine.programs[1]._cache_size() == 1  # resume did not recompile
 
 

@@ -76,6 +76,14 @@ def _generation_log(state: SearchState, gen: int, wall: float, evals: int) -> di
     }
 
 
+def read_log(workdir: str | Path) -> list[dict]:
+    """The rows of a search's `search_log.jsonl`, one a generation ([] if none)."""
+    path = Path(workdir) / LOG_FILE
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln]
+
+
 class _Log:
     """search_log.jsonl, truncated to the restored generation on resume."""
 
