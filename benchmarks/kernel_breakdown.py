@@ -4,12 +4,14 @@ Each program runs once to compile, then `--repeats` times under `jax.profiler.tr
 every kernel of the trace is put in one kind through the compiled HLO instruction it
 ran (`hlo_op`; by its target, fusion kind and name, not its metadata): convolution
 (cuDNN custom call), gemm (cuBLAS or a Triton/cuDNN fusion), reduction (XLA input
-fusion: GroupNorm statistics, softmax, FID), concatenate (the UNet's skip
-concatenations, which XLA also emits as input fusions; a concatenation fused with a
-reduction counts as reduction), elementwise (XLA loop fusion: normalize, SiLU,
-quantizers, residual adds), layout (copy/transpose) or other. `top` names the
-costliest kernels with their HLO instruction. Programs, on the shipped model at the
-paper's shapes:
+fusion: GroupNorm statistics, softmax, FID), concatenate (XLA's concatenate
+fusions: a skip concatenation written out, or, with the UNet's skip parts, the
+normalize + SiLU + quantizer pass that writes a conv's int8 input from both parts;
+one fused with a reduction counts as reduction), elementwise (XLA loop fusion:
+normalize, SiLU, quantizers, residual adds), layout (copy/transpose) or other.
+`top` names the costliest kernels with their HLO instruction and nominal bytes
+(`hlo_bytes`), and `bytes_by_kind` / `bytes_per_s_by_kind` the traffic and bandwidth
+of each kind. Programs, on the shipped model at the paper's shapes:
 
   * quant_f32: the search's fitness of one genome (samples + FID), float32 convs;
   * quant_bf16: the same with bfloat16 integer convolutions;
@@ -18,6 +20,12 @@ paper's shapes:
   * quant_bf16_model: bfloat16 integer convolutions and bfloat16 activations
     throughout (`model.dtype`; not exact: compare the FID it gives);
   * fp: the plain full-precision sampling of the same images and steps;
+  * quant_f32_concat, fp_concat: quant_f32 / fp with the UNet as it was before
+    `models.norm` (skip concatenations materialized, flax's GroupNorm);
+  * gn_<res>_<flax|parts|floor>: GroupNorm + SiLU alone on a skip concatenation,
+    flax's on the concatenation, `models.norm`'s on its two parts, and one
+    elementwise pass (the floor a fused kernel reaches); `floor_bytes_per_s` is
+    one read + one write over kernel time;
   * conv_<res>_<dtype>: one 3x3 convolution of the UNet at each resolution alone,
     float32, and bf16 or int8 operands with float32 output: what the convolution
     kernels reach without the model's other work around them.
@@ -62,6 +70,48 @@ KINDS = (
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\(")
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
+
+
+_ARRAY = re.compile(r"\b(pred|[subfc]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
+
+
+def _shape_bytes(shape: str, first_only: bool = False) -> int:
+    """Bytes of an HLO shape string (`f32[8,28]{1,0}` or a tuple of them)."""
+    total = 0
+    for dt, dims in _ARRAY.findall(shape):
+        if dt.startswith("f8"):
+            size = 1
+        else:
+            size = _DTYPE_BYTES.get(dt) or max(1, int(dt[1:]) // 8)
+        total += size * int(np.prod([int(d) for d in dims.split(",") if d]))
+        if first_only:  # a custom call's (result, scratch workspace): the result
+            break
+    return total
+
+
+def hlo_bytes(hlo_text: str) -> dict[str, int]:
+    """Instruction name -> nominal bytes it moves: its result plus each operand once
+    (what a kernel of it reads and writes if it touches every element once; a fusion
+    that slices or broadcasts an operand moves less, one that re-reads moves more)."""
+    shapes, ops = {}, {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, op = m.groups()
+        shape = line[line.index("=") + 1 : m.end(2) - len(op)]
+        shapes[name] = (shape, op == "custom-call")
+        args = line[m.end() :].split(")", 1)[0]
+        ops[name] = re.findall(r"%([\w.\-]+)", args)
+    out = {}
+    for name, operands in ops.items():
+        nbytes = _shape_bytes(*shapes[name])
+        for o in operands:
+            if o in shapes:
+                nbytes += _shape_bytes(shapes[o][0], first_only=shapes[o][1])
+        out[name] = nbytes
+    return out
 
 
 def hlo_kinds(hlo_text: str) -> dict[str, str]:
@@ -153,18 +203,29 @@ def kernel_events(trace: dict) -> list[dict]:
     return out
 
 
-def breakdown(events: list[dict], kinds: dict[str, str], repeats: int) -> dict:
-    """Per-run microseconds by kind, and the costliest kernels."""
-    by_kind = collections.Counter()
-    by_kernel = collections.Counter()
+def breakdown(
+    events: list[dict],
+    kinds: dict[str, str],
+    repeats: int,
+    nbytes: dict[str, int] | None = None,
+) -> dict:
+    """Per-run microseconds by kind, and the costliest kernels; with `nbytes`
+    (`hlo_bytes`), the nominal bytes each kind moves and the bandwidth that is."""
+    by_kind, bytes_by_kind = collections.Counter(), collections.Counter()
+    by_kernel, bytes_by_kernel = collections.Counter(), collections.Counter()
+    nbytes = nbytes or {}
     for e in events:
         op = e.get("args", {}).get("hlo_op")
         kind = kinds.get(op) if op else None
         kind = kind or _kind_by_name(e["name"])
+        key = (kind, op or "", e["name"][:100])
         by_kind[kind] += e["dur"] / repeats
-        by_kernel[(kind, op or "", e["name"][:100])] += e["dur"] / repeats
+        by_kernel[key] += e["dur"] / repeats
+        b = nbytes.get(op, 0) / repeats if op else 0.0
+        bytes_by_kind[kind] += b
+        bytes_by_kernel[key] += b
     busy = sum(by_kind.values())
-    return dict(
+    row = dict(
         busy_us=busy,
         kernels_per_run=len(events) / repeats,
         us_by_kind={k: by_kind.get(k, 0.0) for k in KINDS},
@@ -172,17 +233,28 @@ def breakdown(events: list[dict], kinds: dict[str, str], repeats: int) -> dict:
             k: by_kind.get(k, 0.0) / busy if busy else 0.0 for k in KINDS
         },
         top=[
-            dict(kind=k, op=op, kernel=name, us=us)
+            dict(
+                kind=k, op=op, kernel=name, us=us, bytes=bytes_by_kernel[(k, op, name)]
+            )
             for (k, op, name), us in by_kernel.most_common(15)
         ],
     )
+    if nbytes:
+        row["bytes_by_kind"] = {k: bytes_by_kind.get(k, 0.0) for k in KINDS}
+        row["bytes_per_s_by_kind"] = {
+            k: bytes_by_kind[k] / (by_kind[k] * 1e-6) for k in KINDS if by_kind[k]
+        }
+    return row
 
 
-def profile(fn, *args, repeats: int = 3) -> dict:
-    """Compiles and warms `fn`, then traces `repeats` runs: wall and kernel time."""
+def profile(fn, *args, repeats: int = 3, hlo_path: Path | None = None) -> dict:
+    """Compiles and warms `fn`, then traces `repeats` runs: wall and kernel time.
+    `hlo_path`: where to keep the optimized HLO (to find what a fusion is)."""
     jfn = jax.jit(fn)
     compiled = jfn.lower(*args).compile()
-    kinds = hlo_kinds(compiled.as_text())
+    kinds, nbytes = hlo_kinds(compiled.as_text()), hlo_bytes(compiled.as_text())
+    if hlo_path is not None:
+        hlo_path.write_text(compiled.as_text())
     wall = time_fn(compiled, *args, repeats=repeats)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -190,7 +262,8 @@ def profile(fn, *args, repeats: int = 3) -> dict:
                 y = jax.block_until_ready(compiled(*args))
         (path,) = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
         trace = json.load(gzip.open(path))
-    row = dict(wall_s=wall, **breakdown(kernel_events(trace), kinds, repeats))
+    events = kernel_events(trace)
+    row = dict(wall_s=wall, **breakdown(events, kinds, repeats, nbytes))
     if jnp.ndim(y) == 0:  # a fitness: the FID it gave, to compare the variants
         row["value"] = float(y)
     return row
@@ -215,15 +288,45 @@ def _model_programs(samples: int):
     flops = 2.0 * float(np.sum(setup.registry.macs)) * samples * n
     progs = dict(
         quant_f32=(problem.fid, (assets, g)),
+        quant_f32_concat=(with_concat_norm(problem.fid), (assets, g)),
         quant_bf16=(bf16.fid, (assets, g)),
         quant_bf16_model=(bf16_model.fid, (assets, g)),
         quant_int8=(int8.fid, (assets, g)),
         fp=(fp_sampler(lm, assets.sched, n), (assets.params, assets.noise)),
     )
+    progs["fp_concat"] = (with_concat_norm(progs["fp"][0]), progs["fp"][1])
     return {k: (flops, *v) for k, v in progs.items()}, n
 
 
-MODEL_PROGRAMS = ("quant_f32", "quant_bf16", "quant_bf16_model", "quant_int8", "fp")
+def with_concat_norm(fn):
+    """`fn` traced with the UNet as it was before `models.norm`: each up-path skip
+    concatenation materialized and normalized by flax's own GroupNorm."""
+    from unittest import mock
+
+    import flax.linen as nn
+
+    from tmpq_jax.models import norm, unet
+
+    class ConcatThenFlax(nn.GroupNorm):
+        def __call__(self, x, **kw):
+            return super().__call__(norm.concat(x), **kw)
+
+    def wrapped(*args):
+        with mock.patch.object(unet, "GroupNorm", ConcatThenFlax):
+            return fn(*args)
+
+    return wrapped
+
+
+MODEL_PROGRAMS = (
+    "quant_f32",
+    "quant_f32_concat",
+    "quant_bf16",
+    "quant_bf16_model",
+    "quant_int8",
+    "fp",
+    "fp_concat",
+)
 CONV_SHAPES = ((28, 32), (14, 64), (7, 128))  # (resolution, channels) of the UNet
 
 
@@ -258,12 +361,39 @@ def _conv_programs(samples: int):
     return progs
 
 
+def _norm_programs(samples: int):
+    """GroupNorm + SiLU of a skip concatenation (two parts of the level's width) at
+    each resolution: flax's on the concatenation, `models.norm`'s on the parts, and
+    the floor a fused kernel would reach: one elementwise pass (one read, one write)."""
+    import flax.linen as nn
+
+    from tmpq_jax.models.norm import GroupNorm, concat
+
+    progs, flax_gn, ours = {}, nn.GroupNorm(8), GroupNorm(8)
+    for res, ch in CONV_SHAPES:
+        keys = jax.random.split(jax.random.key(3))
+        x = tuple(jax.random.normal(k, (samples, res, res, ch)) for k in keys)
+        p = {"params": {"scale": jnp.ones((2 * ch,)), "bias": jnp.zeros((2 * ch,))}}
+        bytes_ = 2.0 * 2 * x[0].size * 4  # one read and one write of float32
+        progs[f"gn_{res}_flax"] = (
+            bytes_, lambda p, x: nn.silu(flax_gn.apply(p, concat(x))), (p, x)
+        )  # fmt: skip
+        progs[f"gn_{res}_parts"] = (
+            bytes_, lambda p, x: nn.silu(ours.apply(p, x)), (p, x)
+        )  # fmt: skip
+        progs[f"gn_{res}_floor"] = (
+            bytes_, lambda p, x: nn.silu(concat(x) * 1.5 + 0.5), (p, x)
+        )  # fmt: skip
+    return progs
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", help="comma-separated program names")
     ap.add_argument("--out", default=str(RESULTS / "kernel_breakdown.json"))
+    ap.add_argument("--hlo-dir", help="keep each program's optimized HLO here")
     a = ap.parse_args(argv)
     # before the backend starts: kernels inside CUDA graphs would not be traced
     flags = os.environ.get("XLA_FLAGS", "")
@@ -275,6 +405,10 @@ def main(argv=None) -> None:
     if not only or only & set(MODEL_PROGRAMS):
         progs, steps = _model_programs(a.samples)
     progs.update(_conv_programs(a.samples))
+    progs.update(_norm_programs(a.samples))
+    hlo_dir = Path(a.hlo_dir) if a.hlo_dir else None
+    if hlo_dir:
+        hlo_dir.mkdir(parents=True, exist_ok=True)
     raw = dict(
         provenance(), samples=a.samples, steps=steps, repeats=a.repeats, programs={}
     )
@@ -282,7 +416,14 @@ def main(argv=None) -> None:
         if only and name not in only:
             continue
         try:
-            row = profile(fn, *args, repeats=a.repeats)
+            hlo = hlo_dir / f"{name}.hlo.txt" if hlo_dir else None
+            row = profile(fn, *args, repeats=a.repeats, hlo_path=hlo)
+            if name.startswith("gn_"):  # bandwidth, of one read + one write
+                row["floor_bytes"] = fl
+                row["floor_bytes_per_s"] = fl / (row["busy_us"] * 1e-6)
+                raw["programs"][name] = row
+                print(name, row["wall_s"], row["busy_us"], flush=True)
+                continue
             row["flops"] = fl
             row["flops_per_s"] = fl / row["wall_s"]
             conv_us = row["us_by_kind"]["convolution"]

@@ -456,15 +456,38 @@ def _perf_sampling(d: dict) -> str:
 
 
 KERNEL_PROGRAMS = {
-    "quant_f32": "search fitness, f32 convs (the default)",
-    "quant_int8": "search fitness, int8 integer convs",
+    "quant_f32": "search fitness (the default)",
+    "quant_f32_concat": "search fitness, skip concatenations materialized (before)",
+    "quant_int8": "search fitness, int8 integer convs asked for explicitly",
     "quant_bf16": "search fitness, bf16 integer convs",
     "quant_bf16_model": "search fitness, bf16 convs and bf16 activations",
     "fp": "plain full-precision sampling",
+    "fp_concat": "plain full-precision sampling, concatenations materialized (before)",
 }
 
 
-def kernel_table(d: dict) -> str:
+def bandwidth_bound(d: dict, ceiling: float | None) -> str | None:
+    """The default program's nominal bytes at the best bandwidth one elementwise
+    pass reached in the same run: the time no faster kernel of XLA's fusion can beat,
+    and the FLOP fraction that caps."""
+    progs = d["programs"]
+    q = progs.get("quant_f32", {})
+    floors = [r["floor_bytes_per_s"] for k, r in progs.items() if k.endswith("_floor")]
+    if "bytes_by_kind" not in q or not floors or not ceiling:
+        return None
+    total = sum(q["bytes_by_kind"].values())
+    t = total / max(floors)
+    frac = q["flops"] / t / ceiling
+    return (
+        f"The default's kernels move {total / 1e9:.0f} GB a candidate (nominal); at "
+        f"the {max(floors) / 1e12:.2f} TB/s one elementwise pass reached here, that "
+        f"alone takes {1e3 * t:.0f} ms (measured: {1e3 * q['wall_s']:.0f} ms), so with "
+        f"these kernels the FLOP fraction cannot pass {100 * frac:.0f}% of the "
+        f"{ceiling / 1e12:.0f} TFLOP/s bf16 ceiling (perf.json)."
+    )
+
+
+def kernel_table(d: dict, ceiling: float | None = None) -> str:
     """GPU kernel time by kind per program, and the convolutions alone."""
     kinds = ("convolution", "reduction", "concatenate", "elementwise", "gemm")
     steps = f" x {d['steps']} steps" if d.get("steps") else ""
@@ -488,21 +511,53 @@ def kernel_table(d: dict) -> str:
             + " | ".join(cells)
             + f" | {100 * other:.0f}% |"
         )
+    q = progs.get("quant_f32", {})
+    if bw := q.get("bytes_per_s_by_kind"):
+        big = [k for k in bw if q["fraction_by_kind"][k] > 0.05]  # not SVD, copies
+        out.append(
+            "\nBandwidth of the default's kernels by kind (nominal bytes: each "
+            "operand and result once, over kernel time), GB/s: "
+            + ", ".join(f"{k} {bw[k] / 1e9:,.0f}" for k in big)
+            + "."
+        )
     convs = []
     for key, f32 in progs.items():
         m = re.fullmatch(r"conv_(\d+)_f32", key)
-        bf = progs.get(f"conv_{m.group(1)}_bf16", {}) if m else {}
-        if "conv_kernel_flops_per_s" in f32 and "conv_kernel_flops_per_s" in bf:
-            convs.append(
-                f"{m.group(1)}x{m.group(1)}: {f32['conv_kernel_flops_per_s'] / 1e12:.0f} "
-                f"(bf16 {bf['conv_kernel_flops_per_s'] / 1e12:.0f})"
-            )
+        if not m or "conv_kernel_flops_per_s" not in f32:
+            continue
+        other = [
+            f"{dt} {progs[f'conv_{m.group(1)}_{dt}']['conv_kernel_flops_per_s'] / 1e12:.0f}"
+            for dt in ("bf16", "int8")
+            if "conv_kernel_flops_per_s" in progs.get(f"conv_{m.group(1)}_{dt}", {})
+        ]
+        res = m.group(1)
+        convs.append(
+            f"{res}x{res}: {f32['conv_kernel_flops_per_s'] / 1e12:.0f}"
+            + (f" ({', '.join(other)})" if other else "")
+        )
     if convs:
         out.append(
             "\nOne 3x3 convolution of the UNet alone (each resolution's channel count "
-            "in and out), its kernel's TFLOP/s, f32 (bf16 in, f32 out): "
+            "in and out), its kernel's TFLOP/s, f32 (other operand types, f32 out): "
             f"{'; '.join(convs)}."
         )
+    norms = []
+    for res in sorted({int(k.split("_")[1]) for k in progs if k.startswith("gn_")}):
+        row = [
+            progs.get(f"gn_{res}_{v}", {}).get("busy_us")
+            for v in ("flax", "parts", "floor")
+        ]
+        if all(row):
+            norms.append(f"{res}x{res}: " + " / ".join(f"{v:.0f}" for v in row))
+    if norms:
+        out.append(
+            "\nGroupNorm + SiLU of one skip concatenation (two parts of the level's "
+            "width) alone, kernel µs, flax's on the concatenation / ours on the parts "
+            "/ one elementwise pass (the floor of a fused kernel): "
+            f"{'; '.join(norms)}."
+        )
+    if bound := bandwidth_bound(d, ceiling):
+        out.append("\n" + bound)
     out.append(
         f"\n*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "
         f"`{d['command']}` → `benchmarks/results/kernel_breakdown.json`*"
@@ -515,7 +570,8 @@ def render_perf() -> str:
         text = perf_table(d)
         if k := _load("kernel_breakdown.json"):
             text += "\n\nWhere the GPU's time goes (`python -m benchmarks.kernel_breakdown`: "
-            text += "kernel time by kind, from a profiler trace):\n\n" + kernel_table(k)
+            text += "kernel time by kind, from a profiler trace):\n\n"
+            text += kernel_table(k, d.get("bf16_ceiling_flops_per_s"))
         return text
     return "Not yet measured: `python -m benchmarks.perf` writes `benchmarks/results/perf.json`."
 

@@ -1,6 +1,6 @@
 """The benchmarks' own logic, on synthetic inputs (no device, no timing)."""
 
-from benchmarks.kernel_breakdown import breakdown, hlo_kinds, kernel_events
+from benchmarks.kernel_breakdown import breakdown, hlo_bytes, hlo_kinds, kernel_events
 
 HLO = """
 ENTRY %main {
@@ -70,9 +70,34 @@ def test_breakdown_counts_stream_kernels_once_per_run():
     }  # fmt: skip
     assert abs(sum(got["fraction_by_kind"].values()) - 1) < 1e-9
     assert got["top"][0] == dict(
-        kind="gemm", op="", kernel="some_cutlass_gemm_kernel", us=20.0
+        kind="gemm", op="", kernel="some_cutlass_gemm_kernel", us=20.0, bytes=0.0
     )
     assert got["top"][1]["op"] == "cudnn-conv.1"
+
+
+HLO_BYTES = """
+ENTRY %main {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %p1 = bf16[4,2]{1,0} parameter(1)
+  %conv = (f32[8,2]{1,0}, u8[1024]{0}) custom-call(%p0, %p1), custom_call_target="__cudnn$convForward"
+  %gte = f32[8,2]{1,0} get-tuple-element(%conv), index=0
+  ROOT %loop_add_fusion = f32[8,2]{1,0} fusion(%gte, %p0), kind=kLoop, calls=%f
+}
+"""
+
+
+def test_hlo_bytes_count_result_and_operands_once_without_scratch():
+    b = hlo_bytes(HLO_BYTES)
+    assert b["conv"] == 8 * 2 * 4 + 8 * 4 * 4 + 4 * 2 * 2  # workspace not counted
+    assert b["loop_add_fusion"] == 64 + 64 + 128
+    events = [
+        _ev(7, "fprop", 2.0, "conv"),
+        _ev(7, "loop_add_fusion", 1.0, "loop_add_fusion"),
+    ]
+    got = breakdown(kernel_events(_trace(events)), hlo_kinds(HLO_BYTES), 1, b)
+    assert got["bytes_by_kind"]["elementwise"] == 256
+    assert got["bytes_per_s_by_kind"]["elementwise"] == 256 / 1e-6
+    assert got["bytes_per_s_by_kind"]["convolution"] == 208 / 2e-6
 
 
 def test_breakdown_without_a_gpu_takes_the_events_naming_an_hlo_op():
@@ -109,3 +134,20 @@ def test_multi_gpu_summary_skips_compiling_generations():
     assert rows[0]["evaluations_per_s_steady"] == 8.0
     assert rows[1]["speedup"] == 2.0 and rows[1]["scaling_efficiency"] == 1.0
     assert "speedup" not in rows[2]
+
+
+def test_bandwidth_bound_is_the_default_programs_bytes_at_the_best_floor():
+    from benchmarks.tables import bandwidth_bound
+
+    d = {
+        "programs": {
+            "quant_f32": {"bytes_by_kind": {"convolution": 4e9, "elementwise": 2e9},
+                          "flops": 3e12, "wall_s": 0.01},
+            "gn_7_floor": {"floor_bytes_per_s": 2e12},
+            "gn_28_floor": {"floor_bytes_per_s": 3e12},
+        }
+    }  # fmt: skip
+    text = bandwidth_bound(d, ceiling=600e12)
+    # 6 GB at 3 TB/s: 2 ms; 3 TFLOP in 2 ms is 1500 TFLOP/s, 250% of the ceiling
+    assert "6 GB" in text and "takes 2 ms" in text and "pass 250%" in text
+    assert bandwidth_bound(d, ceiling=None) is None

@@ -91,3 +91,38 @@ def test_bf16_close_to_fp32(tiny_cfg, tiny_params, tiny_eps_fn, key):
     a, b = tiny_eps_fn(x, t), bf.apply({"params": tiny_params}, x, t)
     assert b.dtype == jnp.float32
     assert float(jnp.mean(jnp.abs(a - b))) < 0.05 * float(jnp.mean(jnp.abs(a))) + 1e-3
+
+
+@pytest.mark.parametrize("widths", [(12,), (5, 7), (8, 8, 8)])
+def test_group_norm_of_parts_is_flax_group_norm_of_their_concatenation(widths, key):
+    """Any split of the channels (5 + 7 with 4 groups: a group straddles the parts),
+    same parameters, values equal to float32 rounding."""
+    from tmpq_jax.models.norm import GroupNorm
+
+    ks = jax.random.split(key, len(widths) + 2)
+    parts = tuple(
+        3.0 * jax.random.normal(k, (2, 6, 6, w)) + 1.0
+        for k, w in zip(ks[: len(widths)], widths, strict=True)
+    )
+    c = sum(widths)
+    p = {"params": {"scale": jax.random.normal(ks[-2], (c,)),
+                    "bias": jax.random.normal(ks[-1], (c,))}}  # fmt: skip
+    want = nn.GroupNorm(4).apply(p, jnp.concatenate(parts, -1))
+    got = GroupNorm(4).apply(p, parts if len(parts) > 1 else parts[0])
+    assert jax.tree.structure(GroupNorm(4).init(key, parts)) == jax.tree.structure(p)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert not np.array_equal(got, 0 * got)
+
+
+def test_unet_on_skip_parts_equals_the_concatenating_unet(tiny_cfg, tiny_params, key):
+    """The up path hands (h, skip) parts to its blocks; with flax's GroupNorm on the
+    materialized concatenation (the model before) the output agrees to rounding."""
+    from benchmarks.kernel_breakdown import with_concat_norm
+
+    x = jax.random.normal(key, (2, tiny_cfg.image_size, tiny_cfg.image_size, 1))
+    t = jnp.array([3, 700])
+    apply = UNet(tiny_cfg).apply
+    got = apply({"params": tiny_params}, x, t)
+    want = with_concat_norm(apply)({"params": tiny_params}, x, t)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert float(jnp.abs(want).max()) > 0.1

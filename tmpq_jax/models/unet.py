@@ -1,7 +1,9 @@
 """A DDPM-style UNet (Ho et al. 2020, arXiv 2006.11239) in Flax linen, sized for 28x28.
 
 Sinusoidal time embedding, residual blocks with GroupNorm + SiLU, self-attention at
-chosen resolutions, stride-2 conv downsampling and nearest + conv upsampling. All
+chosen resolutions, stride-2 conv downsampling and nearest + conv upsampling. Skip
+connections reach the up path's residual blocks as (h, skip) parts rather than a
+concatenation (`models/norm.py` says why). All
 matmuls go through `ops.Conv`, `ops.Dense` and `ops.MatMul` (the injection point).
 The model predicts epsilon. Submodules have explicit names so that layer paths
 (`down_0_res_1/conv1`, `mid_attn/qk`, ...) are stable and readable.
@@ -19,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from tmpq_jax.errors import UserError, check_keys
+from tmpq_jax.models import norm
+from tmpq_jax.models.norm import GroupNorm
 from tmpq_jax.models.ops import Conv, Dense, MatMul
 
 
@@ -87,8 +91,9 @@ class ResBlock(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm0")(x))
+    def __call__(self, x: norm.Parts, temb: jax.Array) -> jax.Array:
+        """`x`: an array, or the (h, skip) parts of the up path's concatenation."""
+        h = nn.silu(GroupNorm(self.num_groups, dtype=self.dtype, name="norm0")(x))
         h = Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv0")(h)
         h = (
             h
@@ -96,10 +101,10 @@ class ResBlock(nn.Module):
                 :, None, None
             ]
         )
-        h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(h))
+        h = nn.silu(GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(h))
         h = Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv1")(h)
-        if x.shape[-1] != self.out_ch:
-            x = Conv(self.out_ch, (1, 1), dtype=self.dtype, name="skip")(x)
+        if norm.channels(x) != self.out_ch:
+            x = Conv(self.out_ch, (1, 1), dtype=self.dtype, name="skip")(norm.concat(x))
         return x + h
 
 
@@ -112,7 +117,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hh, ww, c = x.shape
         nh, hd = self.num_heads, c // self.num_heads
-        h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(h.reshape(b, hh * ww, c))
         q, k, v = jnp.split(qkv.reshape(b, hh * ww, 3, nh, hd), 3, axis=2)
         q, k, v = (a[:, :, 0] for a in (q, k, v))  # [B, L, nh, hd]
@@ -172,8 +177,8 @@ class UNet(nn.Module):
 
         for i, mult in reversed(list(enumerate(cfg.ch_mult))):
             for j in range(cfg.num_res_blocks + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = res_block(cfg.ch * mult, f"up_{i}_res_{j}")(h, temb)
+                # the parts, not their concatenation: see models/norm.py
+                h = res_block(cfg.ch * mult, f"up_{i}_res_{j}")((h, skips.pop()), temb)
                 if h.shape[1] in cfg.attn_resolutions:
                     h = attn_block(f"up_{i}_attn_{j}")(h)
             if i > 0:
@@ -181,7 +186,7 @@ class UNet(nn.Module):
                 h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
                 h = Conv(c, (3, 3), dtype=dt, name=f"up_{i}_upsample")(h)
 
-        h = nn.silu(nn.GroupNorm(cfg.num_groups, dtype=dt, name="norm_out")(h))
+        h = nn.silu(GroupNorm(cfg.num_groups, dtype=dt, name="norm_out")(h))
         h = Conv(cfg.channels, (3, 3), dtype=dt, name="conv_out")(h)
         return h.astype(jnp.float32)
 

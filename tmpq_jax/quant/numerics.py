@@ -348,17 +348,17 @@ def served_conv_general_dilated(
 
 def _integer_conv(act: ActQuant, qvalue: jax.Array, scale: jax.Array, conv_dtype):
     """SERVE conv with both operands' integer values (|q| <= 127) in `conv_dtype`.
-    int8: summed in int32. bfloat16: exact (8 significant bits), products exact and
-    summed in float32. Either way the output equals AQT's float32 conv of the same
-    integers wherever the partial sums stay below 2**24 (in practice everywhere).
-    Scales are applied afterwards in AQT's order (activation scale, then kernel)."""
-
-    integer = jnp.issubdtype(conv_dtype, jnp.integer)
+    int8: summed in int32, handed out as float32 (cuDNN's int8 convolutions give s8
+    or f32, never s32: asking for int32 made XLA fall back to float kernels).
+    bfloat16: exact (8 significant bits), products exact and summed in float32.
+    Either way the output equals AQT's float32 conv of the same integers wherever
+    the partial sums stay below 2**24 (in practice everywhere). Scales are applied
+    afterwards in AQT's order (activation scale, then kernel)."""
 
     def fn(lhs, rhs, window_strides, padding, **conv_kwargs):
         del rhs  # the frozen kernel replaces it
         conv_kwargs.pop("precision", None)
-        conv_kwargs["preferred_element_type"] = jnp.int32 if integer else jnp.float32
+        conv_kwargs["preferred_element_type"] = jnp.float32
         lhs_qt = _quant(lhs, act, None)
         out = lax.conv_general_dilated(
             lhs_qt.qvalue.astype(conv_dtype),
