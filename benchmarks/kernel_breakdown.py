@@ -21,7 +21,7 @@ of each kind. Programs, on the shipped model at the paper's shapes:
     throughout (`model.dtype`; not exact: compare the FID it gives);
   * fp: the plain full-precision sampling of the same images and steps;
   * quant_f32_concat, fp_concat: quant_f32 / fp with the UNet as it was before
-    `models.norm` (skip concatenations materialized, flax's GroupNorm);
+    `models.norm` (skip concatenations built first, flax's GroupNorm);
   * gn_<res>_<flax|parts|floor>: GroupNorm + SiLU alone on a skip concatenation,
     flax's on the concatenation, `models.norm`'s on its two parts, and one
     elementwise pass (the floor a fused kernel reaches); `floor_bytes_per_s` is
@@ -33,6 +33,7 @@ of each kind. Programs, on the shipped model at the paper's shapes:
   python -m benchmarks.kernel_breakdown                   # on the GPU
   python -m benchmarks.kernel_breakdown --samples 136 --out /tmp/k.json  # CPU check
   python -m benchmarks.kernel_breakdown --only conv_28_f32,conv_28_int8
+  python -m benchmarks.kernel_breakdown --conv-types benchmarks/results/hlo/*.gz
 
 Command buffers (CUDA graphs) are turned off, so every kernel shows in the trace.
 """
@@ -91,9 +92,12 @@ def _shape_bytes(shape: str, first_only: bool = False) -> int:
 
 
 def hlo_bytes(hlo_text: str) -> dict[str, int]:
-    """Instruction name -> nominal bytes it moves: its result plus each operand once
-    (what a kernel of it reads and writes if it touches every element once; a fusion
-    that slices or broadcasts an operand moves less, one that re-reads moves more)."""
+    """Instruction name -> nominal bytes it moves: its result plus each distinct
+    operand once (what a kernel of it reads and writes if it touches every element
+    once; a fusion that slices or broadcasts an operand moves less, one that re-reads
+    moves more; L2 hits are not seen; sub-byte types count a byte an element).
+    Operands are read as the `%names` in the instruction's first parenthesis, which
+    is how this XLA prints them (no operand shapes or layouts inline)."""
     shapes, ops = {}, {}
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
@@ -103,7 +107,7 @@ def hlo_bytes(hlo_text: str) -> dict[str, int]:
         shape = line[line.index("=") + 1 : m.end(2) - len(op)]
         shapes[name] = (shape, op == "custom-call")
         args = line[m.end() :].split(")", 1)[0]
-        ops[name] = re.findall(r"%([\w.\-]+)", args)
+        ops[name] = dict.fromkeys(re.findall(r"%([\w.\-]+)", args))  # once each
     out = {}
     for name, operands in ops.items():
         nbytes = _shape_bytes(*shapes[name])
@@ -112,6 +116,25 @@ def hlo_bytes(hlo_text: str) -> dict[str, int]:
                 nbytes += _shape_bytes(shapes[o][0], first_only=shapes[o][1])
         out[name] = nbytes
     return out
+
+
+def conv_operand_types(hlo_text: str) -> dict[str, int]:
+    """How many convolutions (cuDNN custom calls or HLO convolutions) take which
+    operand element types, e.g. {"s8 x s8": 36}: whether XLA runs int8 kernels."""
+    types, found = {}, collections.Counter()
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if m:
+            arr = _ARRAY.search(line[line.index("=") + 1 : m.end(2)])
+            types[m.group(1)] = arr.group(1) if arr else "?"
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        conv = m and (m.group(2) == "convolution" or "convForward" in line)
+        if conv:
+            args = line[m.end() :].split(")", 1)[0]
+            ops = re.findall(r"%([\w.\-]+)", args)[:2]
+            found[" x ".join(types.get(o, "?") for o in ops)] += 1
+    return dict(found)
 
 
 def hlo_kinds(hlo_text: str) -> dict[str, str]:
@@ -264,6 +287,7 @@ def profile(fn, *args, repeats: int = 3, hlo_path: Path | None = None) -> dict:
         trace = json.load(gzip.open(path))
     events = kernel_events(trace)
     row = dict(wall_s=wall, **breakdown(events, kinds, repeats, nbytes))
+    row["conv_operand_types"] = conv_operand_types(compiled.as_text())
     if jnp.ndim(y) == 0:  # a fitness: the FID it gave, to compare the variants
         row["value"] = float(y)
     return row
@@ -300,7 +324,8 @@ def _model_programs(samples: int):
 
 def with_concat_norm(fn):
     """`fn` traced with the UNet as it was before `models.norm`: each up-path skip
-    concatenation materialized and normalized by flax's own GroupNorm."""
+    concatenation built first and normalized by flax's own GroupNorm (on the CPU the
+    FID this gives is bit-equal to the old model's)."""
     from unittest import mock
 
     import flax.linen as nn
@@ -394,7 +419,19 @@ def main(argv=None) -> None:
     ap.add_argument("--only", help="comma-separated program names")
     ap.add_argument("--out", default=str(RESULTS / "kernel_breakdown.json"))
     ap.add_argument("--hlo-dir", help="keep each program's optimized HLO here")
+    ap.add_argument(
+        "--conv-types",
+        nargs="+",
+        metavar="HLO",
+        help="print the convolutions' operand types of kept HLO files (.txt[.gz]), "
+        "measure nothing",
+    )
     a = ap.parse_args(argv)
+    if a.conv_types:
+        for f in a.conv_types:
+            text = (gzip.open if f.endswith(".gz") else open)(f, "rt").read()
+            print(f, json.dumps(conv_operand_types(text)))
+        return
     # before the backend starts: kernels inside CUDA graphs would not be traced
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
@@ -423,6 +460,7 @@ def main(argv=None) -> None:
                 row["floor_bytes_per_s"] = fl / (row["busy_us"] * 1e-6)
                 raw["programs"][name] = row
                 print(name, row["wall_s"], row["busy_us"], flush=True)
+                write_json(out.name, raw, out.parent)
                 continue
             row["flops"] = fl
             row["flops_per_s"] = fl / row["wall_s"]

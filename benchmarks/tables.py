@@ -457,12 +457,12 @@ def _perf_sampling(d: dict) -> str:
 
 KERNEL_PROGRAMS = {
     "quant_f32": "search fitness (the default)",
-    "quant_f32_concat": "search fitness, skip concatenations materialized (before)",
+    "quant_f32_concat": "search fitness, GroupNorm of the skip concatenation (before)",
     "quant_int8": "search fitness, int8 integer convs asked for explicitly",
     "quant_bf16": "search fitness, bf16 integer convs",
     "quant_bf16_model": "search fitness, bf16 convs and bf16 activations",
     "fp": "plain full-precision sampling",
-    "fp_concat": "plain full-precision sampling, concatenations materialized (before)",
+    "fp_concat": "plain full-precision sampling, GroupNorm of the concatenation (before)",
 }
 
 
@@ -472,7 +472,11 @@ def bandwidth_bound(d: dict, ceiling: float | None) -> str | None:
     and the FLOP fraction that caps."""
     progs = d["programs"]
     q = progs.get("quant_f32", {})
-    floors = [r["floor_bytes_per_s"] for k, r in progs.items() if k.endswith("_floor")]
+    floors = [
+        r["floor_bytes_per_s"]
+        for k, r in progs.items()
+        if k.endswith("_floor") and "floor_bytes_per_s" in r  # not a failed run
+    ]
     if "bytes_by_kind" not in q or not floors or not ceiling:
         return None
     total = sum(q["bytes_by_kind"].values())

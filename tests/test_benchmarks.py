@@ -1,6 +1,12 @@
 """The benchmarks' own logic, on synthetic inputs (no device, no timing)."""
 
-from benchmarks.kernel_breakdown import breakdown, hlo_bytes, hlo_kinds, kernel_events
+from benchmarks.kernel_breakdown import (
+    breakdown,
+    conv_operand_types,
+    hlo_bytes,
+    hlo_kinds,
+    kernel_events,
+)
 
 HLO = """
 ENTRY %main {
@@ -98,6 +104,7 @@ def test_hlo_bytes_count_result_and_operands_once_without_scratch():
     assert got["bytes_by_kind"]["elementwise"] == 256
     assert got["bytes_per_s_by_kind"]["elementwise"] == 256 / 1e-6
     assert got["bytes_per_s_by_kind"]["convolution"] == 208 / 2e-6
+    assert conv_operand_types(HLO_BYTES) == {"f32 x bf16": 1}
 
 
 def test_breakdown_without_a_gpu_takes_the_events_naming_an_hlo_op():

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.filterwarnings(  # AQT 0.9.0 calls jnp.promote_types on
 )
 CANDIDATES = (8, 4)
 # One block of every kind: a conv alone, a res block (convs, a dense, a 1x1 skip),
-# an attention block (denses, both matmuls, the pinned softmax operand).
-BLOCKS = ("conv_in", "down_1_res_0", "down_1_attn_0")
+# an attention block (denses, both matmuls, the pinned softmax operand), and an up
+# path res block, whose input is the (h, skip) parts.
+BLOCKS = ("conv_in", "down_1_res_0", "down_1_attn_0", "up_0_res_0")
 
 
 # --- the STE fake-quant ------------------------------------------------------------
@@ -122,7 +123,7 @@ def captured(recon):
     return mods, rc.capture_blocks(lm.model, v, xs, ts, blocks)
 
 
-@pytest.mark.parametrize("name", ["down_1_res_0", "down_1_attn_0"])
+@pytest.mark.parametrize("name", ["down_1_res_0", "down_1_attn_0", "up_0_res_0"])
 def test_ste_path_quantizes_what_the_supernet_quantizes(recon, captured, name):
     """A block through the STE interceptor matches the same block through
     `quantized_apply` (AQT) up to float accumulation order."""
@@ -131,7 +132,7 @@ def test_ste_path_quantizes_what_the_supernet_quantizes(recon, captured, name):
     mods, cap = captured
     module, sub = mods[block.prefix], rc._subtree(recon["lm"].params, block.prefix)
     inputs, ref = cap[block.prefix]
-    inputs = tuple(a[::2] for a in inputs)
+    inputs = jax.tree.map(lambda a: a[::2], inputs)
     ref = ref[::2]
     v = {"params": sub}
     block_reg = build_registry(module, v, *inputs)  # paths relative to the block

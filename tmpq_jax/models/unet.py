@@ -103,8 +103,9 @@ class ResBlock(nn.Module):
         )
         h = nn.silu(GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(h))
         h = Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv1")(h)
-        if norm.channels(x) != self.out_ch:
-            x = Conv(self.out_ch, (1, 1), dtype=self.dtype, name="skip")(norm.concat(x))
+        x = norm.concat(x)  # parts: fused by XLA into what reads it
+        if x.shape[-1] != self.out_ch:
+            x = Conv(self.out_ch, (1, 1), dtype=self.dtype, name="skip")(x)
         return x + h
 
 

@@ -283,7 +283,7 @@ def make_block_fit(
         return jax.vmap(lambda k: jax.random.choice(k, n, (b,), replace=False))(keys)
 
     def fit(theta0, inputs, target, bits, pinned, key):
-        inputs = tuple(np.asarray(a) for a in inputs)
+        inputs = jax.tree.map(np.asarray, inputs)  # a block may take (h, skip) parts
         target = np.asarray(target)
         n = target.shape[0]
         idx = np.asarray(batches(key, n, min(batch_size, n)))
@@ -295,7 +295,7 @@ def make_block_fit(
             log_theta, opt_state, value = step(
                 log_theta,
                 opt_state,
-                tuple(a[pick] for a in inputs),
+                jax.tree.map(lambda a, p=pick: a[p], inputs),
                 target[pick],
                 bits,
                 pinned,
