@@ -485,8 +485,8 @@ def bandwidth_bound(d: dict, ceiling: float | None) -> str | None:
     return (
         f"The default's kernels move {total / 1e9:.0f} GB a candidate (nominal); at "
         f"the {max(floors) / 1e12:.2f} TB/s one elementwise pass reached here, that "
-        f"alone takes {1e3 * t:.0f} ms (measured: {1e3 * q['wall_s']:.0f} ms), so with "
-        f"these kernels the FLOP fraction cannot pass {100 * frac:.0f}% of the "
+        f"alone takes {1e3 * t:.0f} ms (measured: {1e3 * q['wall_s']:.0f} ms), so under "
+        f"this accounting these kernels cannot pass about {100 * frac:.0f}% of the "
         f"{ceiling / 1e12:.0f} TFLOP/s bf16 ceiling (perf.json)."
     )
 
