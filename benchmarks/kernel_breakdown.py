@@ -15,8 +15,8 @@ of each kind. Programs, on the shipped model at the paper's shapes:
 
   * quant_f32: the search's fitness of one genome (samples + FID), float32 convs;
   * quant_bf16: the same with bfloat16 integer convolutions;
-  * quant_int8: int8 integer convolutions with int32 sums (whether XLA runs them
-    as int8 kernels shows in `top`);
+  * quant_int8: int8 integer convolutions asked for explicitly (`_integer_conv`;
+    each row's `conv_operand_types` shows XLA already gives quant_f32 int8 ones);
   * quant_bf16_model: bfloat16 integer convolutions and bfloat16 activations
     throughout (`model.dtype`; not exact: compare the FID it gives);
   * fp: the plain full-precision sampling of the same images and steps;
@@ -41,13 +41,11 @@ Command buffers (CUDA graphs) are turned off, so every kernel shows in the trace
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import glob
 import gzip
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -57,217 +55,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import RESULTS, provenance, time_fn, write_json
+from benchmarks.trace import (
+    breakdown,
+    conv_operand_types,
+    hlo_bytes,
+    hlo_kinds,
+    kernel_events,
+)
 
 CONV_DIMS = ("NHWC", "HWIO", "NHWC")
-KINDS = (
-    "convolution",
-    "gemm",
-    "reduction",
-    "concatenate",
-    "elementwise",
-    "layout",
-    "other",
-)
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\(")
-_TARGET = re.compile(r'custom_call_target="([^"]*)"')
-_CALLS = re.compile(r"calls=%?([\w.\-]+)")
-
-
-_ARRAY = re.compile(r"\b(pred|[subfc]\d+|bf16|f8e\w+)\[([\d,]*)\]")
-_DTYPE_BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
-
-
-def _shape_bytes(shape: str, first_only: bool = False) -> int:
-    """Bytes of an HLO shape string (`f32[8,28]{1,0}` or a tuple of them)."""
-    total = 0
-    for dt, dims in _ARRAY.findall(shape):
-        if dt.startswith("f8"):
-            size = 1
-        else:
-            size = _DTYPE_BYTES.get(dt) or max(1, int(dt[1:]) // 8)
-        total += size * int(np.prod([int(d) for d in dims.split(",") if d]))
-        if first_only:  # a custom call's (result, scratch workspace): the result
-            break
-    return total
-
-
-def hlo_bytes(hlo_text: str) -> dict[str, int]:
-    """Instruction name -> nominal bytes it moves: its result plus each distinct
-    operand once (what a kernel of it reads and writes if it touches every element
-    once; a fusion that slices or broadcasts an operand moves less, one that re-reads
-    moves more; L2 hits are not seen; sub-byte types count a byte an element).
-    Operands are read as the `%names` in the instruction's first parenthesis, which
-    is how this XLA prints them (no operand shapes or layouts inline)."""
-    shapes, ops = {}, {}
-    for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        name, op = m.groups()
-        shape = line[line.index("=") + 1 : m.end(2) - len(op)]
-        shapes[name] = (shape, op == "custom-call")
-        args = line[m.end() :].split(")", 1)[0]
-        ops[name] = dict.fromkeys(re.findall(r"%([\w.\-]+)", args))  # once each
-    out = {}
-    for name, operands in ops.items():
-        nbytes = _shape_bytes(*shapes[name])
-        for o in operands:
-            if o in shapes:
-                nbytes += _shape_bytes(shapes[o][0], first_only=shapes[o][1])
-        out[name] = nbytes
-    return out
-
-
-def conv_operand_types(hlo_text: str) -> dict[str, int]:
-    """How many convolutions (cuDNN custom calls or HLO convolutions) take which
-    operand element types, e.g. {"s8 x s8": 36}: whether XLA runs int8 kernels."""
-    types, found = {}, collections.Counter()
-    for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
-        if m:
-            arr = _ARRAY.search(line[line.index("=") + 1 : m.end(2)])
-            types[m.group(1)] = arr.group(1) if arr else "?"
-    for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
-        conv = m and (m.group(2) == "convolution" or "convForward" in line)
-        if conv:
-            args = line[m.end() :].split(")", 1)[0]
-            ops = re.findall(r"%([\w.\-]+)", args)[:2]
-            found[" x ".join(types.get(o, "?") for o in ops)] += 1
-    return dict(found)
-
-
-def hlo_kinds(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> kind, for the instructions of optimized HLO text."""
-    kinds = {}
-    for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        name, op = m.groups()
-        kinds[name] = _kind(name, op, line)
-    return kinds
-
-
-def _kind(name: str, op: str, line: str) -> str:
-    """By the instruction's own fields (its name, custom-call target, fusion kind
-    and called computation), never its metadata: a gemm's op_name may say conv."""
-    if op == "custom-call":
-        m = _TARGET.search(line)
-        target = m.group(1).lower() if m else ""
-        if "conv" in target:
-            return "convolution"
-        return "gemm" if ("gemm" in target or "matmul" in target) else "other"
-    if op == "fusion":
-        calls = _CALLS.search(line)
-        callee = calls.group(1).lower() if calls else ""
-        if "kind=kCustom" in line:
-            return "convolution" if "conv" in callee else "gemm"
-        if "kind=kInput" in line:  # XLA emits concatenations as input fusions too
-            low = name.lower()
-            return (
-                "concatenate"
-                if "concatenate" in low and "reduce" not in low
-                else "reduction"
-            )
-        if "kind=kLoop" in line:
-            return "elementwise"
-        return "other"
-    if op in ("copy", "transpose", "copy-start", "copy-done"):
-        return "layout"
-    if op in ("convolution",):
-        return "convolution"
-    if op in ("dot",):
-        return "gemm"
-    if op in ("reduce", "reduce-window"):
-        return "reduction"
-    if op == "concatenate":
-        return "concatenate"
-    return "other"
-
-
-def _kind_by_name(kernel: str) -> str:
-    """Fallback for kernels without an `hlo_op`, by the kernel's own name."""
-    low = kernel.lower()
-    if any(s in low for s in ("conv", "fprop", "dgrad", "wgrad", "implicit")):
-        return "convolution"
-    if any(s in low for s in ("gemm", "cutlass", "xmma", "matmul")):
-        return "gemm"
-    if "reduce" in low or "reduction" in low:
-        return "reduction"
-    if "transpose" in low or "copy" in low:
-        return "layout"
-    return "other"
-
-
-def kernel_events(trace: dict) -> list[dict]:
-    """The device's kernel events of a perfetto trace: on GPU the stream lines of
-    the device process (its other lines repeat the same kernels); elsewhere the
-    events that name an hlo_op (on the CPU these overlap across threads, so the
-    kinds' shares are of summed thread time, not of wall time)."""
-    ev = trace.get("traceEvents", [])
-    procs = {e["pid"]: e["args"]["name"] for e in ev if e.get("name") == "process_name"}
-    threads = {
-        (e["pid"], e.get("tid")): e["args"]["name"]
-        for e in ev
-        if e.get("name") == "thread_name"
-    }
-    dev = {p for p, n in procs.items() if "/device:GPU" in n}
-    out = []
-    for e in ev:
-        if e.get("ph") != "X":
-            continue
-        if dev:
-            line = threads.get((e["pid"], e.get("tid")), "")
-            if e["pid"] in dev and line.startswith("Stream"):
-                out.append(e)
-        elif "hlo_op" in e.get("args", {}):
-            out.append(e)
-    return out
-
-
-def breakdown(
-    events: list[dict],
-    kinds: dict[str, str],
-    repeats: int,
-    nbytes: dict[str, int] | None = None,
-) -> dict:
-    """Per-run microseconds by kind, and the costliest kernels; with `nbytes`
-    (`hlo_bytes`), the nominal bytes each kind moves and the bandwidth that is."""
-    by_kind, bytes_by_kind = collections.Counter(), collections.Counter()
-    by_kernel, bytes_by_kernel = collections.Counter(), collections.Counter()
-    nbytes = nbytes or {}
-    for e in events:
-        op = e.get("args", {}).get("hlo_op")
-        kind = kinds.get(op) if op else None
-        kind = kind or _kind_by_name(e["name"])
-        key = (kind, op or "", e["name"][:100])
-        by_kind[kind] += e["dur"] / repeats
-        by_kernel[key] += e["dur"] / repeats
-        b = nbytes.get(op, 0) / repeats if op else 0.0
-        bytes_by_kind[kind] += b
-        bytes_by_kernel[key] += b
-    busy = sum(by_kind.values())
-    row = dict(
-        busy_us=busy,
-        kernels_per_run=len(events) / repeats,
-        us_by_kind={k: by_kind.get(k, 0.0) for k in KINDS},
-        fraction_by_kind={
-            k: by_kind.get(k, 0.0) / busy if busy else 0.0 for k in KINDS
-        },
-        top=[
-            dict(
-                kind=k, op=op, kernel=name, us=us, bytes=bytes_by_kernel[(k, op, name)]
-            )
-            for (k, op, name), us in by_kernel.most_common(15)
-        ],
-    )
-    if nbytes:
-        row["bytes_by_kind"] = {k: bytes_by_kind.get(k, 0.0) for k in KINDS}
-        row["bytes_per_s_by_kind"] = {
-            k: bytes_by_kind[k] / (by_kind[k] * 1e-6) for k in KINDS if by_kind[k]
-        }
-    return row
 
 
 def profile(fn, *args, repeats: int = 3, hlo_path: Path | None = None) -> dict:
@@ -275,9 +71,9 @@ def profile(fn, *args, repeats: int = 3, hlo_path: Path | None = None) -> dict:
     `hlo_path`: where to keep the optimized HLO (to find what a fusion is)."""
     jfn = jax.jit(fn)
     compiled = jfn.lower(*args).compile()
-    kinds, nbytes = hlo_kinds(compiled.as_text()), hlo_bytes(compiled.as_text())
+    hlo = compiled.as_text()
     if hlo_path is not None:
-        hlo_path.write_text(compiled.as_text())
+        hlo_path.write_text(hlo)
     wall = time_fn(compiled, *args, repeats=repeats)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -286,8 +82,10 @@ def profile(fn, *args, repeats: int = 3, hlo_path: Path | None = None) -> dict:
         (path,) = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
         trace = json.load(gzip.open(path))
     events = kernel_events(trace)
-    row = dict(wall_s=wall, **breakdown(events, kinds, repeats, nbytes))
-    row["conv_operand_types"] = conv_operand_types(compiled.as_text())
+    row = dict(
+        wall_s=wall, **breakdown(events, hlo_kinds(hlo), repeats, hlo_bytes(hlo))
+    )
+    row["conv_operand_types"] = conv_operand_types(hlo)
     if jnp.ndim(y) == 0:  # a fitness: the FID it gave, to compare the variants
         row["value"] = float(y)
     return row
@@ -412,7 +210,7 @@ def _norm_programs(samples: int):
     return progs
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
@@ -426,7 +224,46 @@ def main(argv=None) -> None:
         help="print the convolutions' operand types of kept HLO files (.txt[.gz]), "
         "measure nothing",
     )
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _programs(samples: int, only: set | None):
+    """{name: (amount, fn, args)} of the programs `only` asks for (all: None), and
+    the model's steps. `amount`: FLOPs, or for `gn_*` the bytes of one read + one
+    write; built only where asked for (the inputs are large)."""
+    wanted = lambda prefix: not only or any(n.startswith(prefix) for n in only)
+    progs, steps = {}, None
+    if not only or only & set(MODEL_PROGRAMS):
+        progs, steps = _model_programs(samples)
+    if wanted("conv_"):
+        progs.update(_conv_programs(samples))
+    if wanted("gn_"):
+        progs.update(_norm_programs(samples))
+    return {k: v for k, v in progs.items() if not only or k in only}, steps
+
+
+def _measure(name: str, amount: float, fn, args, repeats: int, hlo_dir) -> dict:
+    """One program's row: its trace breakdown plus its rate (FLOP/s over wall time;
+    for `gn_*`, bytes/s over kernel time), or the error it raised."""
+    try:
+        hlo = hlo_dir / f"{name}.hlo.txt" if hlo_dir else None
+        row = profile(fn, *args, repeats=repeats, hlo_path=hlo)
+    except Exception as e:  # noqa: BLE001 - e.g. int8 convs unsupported
+        return dict(error=f"{type(e).__name__}: {e}"[:400])
+    if name.startswith("gn_"):
+        row["floor_bytes"] = amount
+        row["floor_bytes_per_s"] = amount / (row["busy_us"] * 1e-6)
+        return row
+    row["flops"] = amount
+    row["flops_per_s"] = amount / row["wall_s"]
+    conv_us = row["us_by_kind"]["convolution"]
+    if name.startswith("conv_") and conv_us:
+        row["conv_kernel_flops_per_s"] = amount / (conv_us * 1e-6)
+    return row
+
+
+def main(argv=None) -> None:
+    a = _parser().parse_args(argv)
     if a.conv_types:
         for f in a.conv_types:
             text = (gzip.open if f.endswith(".gz") else open)(f, "rt").read()
@@ -438,42 +275,18 @@ def main(argv=None) -> None:
     out = Path(a.out)
     only = set(a.only.split(",")) if a.only else None
     t0 = time.perf_counter()
-    progs, steps = {}, None
-    if not only or only & set(MODEL_PROGRAMS):
-        progs, steps = _model_programs(a.samples)
-    progs.update(_conv_programs(a.samples))
-    progs.update(_norm_programs(a.samples))
+    progs, steps = _programs(a.samples, only)
     hlo_dir = Path(a.hlo_dir) if a.hlo_dir else None
     if hlo_dir:
         hlo_dir.mkdir(parents=True, exist_ok=True)
     raw = dict(
         provenance(), samples=a.samples, steps=steps, repeats=a.repeats, programs={}
     )
-    for name, (fl, fn, args) in progs.items():
-        if only and name not in only:
-            continue
-        try:
-            hlo = hlo_dir / f"{name}.hlo.txt" if hlo_dir else None
-            row = profile(fn, *args, repeats=a.repeats, hlo_path=hlo)
-            if name.startswith("gn_"):  # bandwidth, of one read + one write
-                row["floor_bytes"] = fl
-                row["floor_bytes_per_s"] = fl / (row["busy_us"] * 1e-6)
-                raw["programs"][name] = row
-                print(name, row["wall_s"], row["busy_us"], flush=True)
-                write_json(out.name, raw, out.parent)
-                continue
-            row["flops"] = fl
-            row["flops_per_s"] = fl / row["wall_s"]
-            conv_us = row["us_by_kind"]["convolution"]
-            if name.startswith("conv_") and conv_us:
-                row["conv_kernel_flops_per_s"] = fl / (conv_us * 1e-6)
-        except Exception as e:  # noqa: BLE001 - e.g. int8 convs unsupported
-            row = dict(error=f"{type(e).__name__}: {e}"[:400])
+    for name, (amount, fn, args) in progs.items():
+        row = _measure(name, amount, fn, args, a.repeats, hlo_dir)
         raw["programs"][name] = row
-        brief = {
-            k: row.get(k) for k in ("wall_s", "busy_us", "fraction_by_kind", "error")
-        }
-        print(name, json.dumps(brief, default=str), flush=True)
+        keys = ("wall_s", "busy_us", "fraction_by_kind", "error")
+        print(name, json.dumps({k: row.get(k) for k in keys}), flush=True)
         write_json(out.name, raw, out.parent)
     raw["wall_s"] = time.perf_counter() - t0
     write_json(out.name, raw, out.parent)

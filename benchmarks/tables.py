@@ -491,8 +491,8 @@ def bandwidth_bound(d: dict, ceiling: float | None) -> str | None:
     )
 
 
-def kernel_table(d: dict, ceiling: float | None = None) -> str:
-    """GPU kernel time by kind per program, and the convolutions alone."""
+def _kernel_rows(d: dict) -> list[str]:
+    """The table: each program's wall time, FID and kernel time by kind."""
     kinds = ("convolution", "reduction", "concatenate", "elementwise", "gemm")
     steps = f" x {d['steps']} steps" if d.get("steps") else ""
     out = [
@@ -501,9 +501,8 @@ def kernel_table(d: dict, ceiling: float | None = None) -> str:
         + " | other |",
         "| --- | --- | --- | " + " | ".join("---" for _ in kinds) + " | --- |",
     ]
-    progs = d["programs"]
     for key, name in KERNEL_PROGRAMS.items():
-        r = progs.get(key)
+        r = d["programs"].get(key)
         if not r or "error" in r:
             continue
         frac = r["fraction_by_kind"]
@@ -515,36 +514,49 @@ def kernel_table(d: dict, ceiling: float | None = None) -> str:
             + " | ".join(cells)
             + f" | {100 * other:.0f}% |"
         )
+    return out
+
+
+def _bandwidth_line(progs: dict) -> str | None:
     q = progs.get("quant_f32", {})
-    if bw := q.get("bytes_per_s_by_kind"):
-        big = [k for k in bw if q["fraction_by_kind"][k] > 0.05]  # not SVD, copies
-        out.append(
-            "\nBandwidth of the default's kernels by kind (nominal bytes: each "
-            "operand and result once, over kernel time), GB/s: "
-            + ", ".join(f"{k} {bw[k] / 1e9:,.0f}" for k in big)
-            + "."
-        )
+    if not (bw := q.get("bytes_per_s_by_kind")):
+        return None
+    big = [k for k in bw if q["fraction_by_kind"][k] > 0.05]  # not SVD, copies
+    return (
+        "Bandwidth of the default's kernels by kind (nominal bytes: each "
+        "operand and result once, over kernel time), GB/s: "
+        + ", ".join(f"{k} {bw[k] / 1e9:,.0f}" for k in big)
+        + "."
+    )
+
+
+def _conv_line(progs: dict) -> str | None:
+    rate = lambda key: progs.get(key, {}).get("conv_kernel_flops_per_s")
     convs = []
-    for key, f32 in progs.items():
+    for key in progs:
         m = re.fullmatch(r"conv_(\d+)_f32", key)
-        if not m or "conv_kernel_flops_per_s" not in f32:
+        if not m or not rate(key):
             continue
-        other = [
-            f"{dt} {progs[f'conv_{m.group(1)}_{dt}']['conv_kernel_flops_per_s'] / 1e12:.0f}"
-            for dt in ("bf16", "int8")
-            if "conv_kernel_flops_per_s" in progs.get(f"conv_{m.group(1)}_{dt}", {})
-        ]
         res = m.group(1)
+        other = [
+            f"{dt} {rate(f'conv_{res}_{dt}') / 1e12:.0f}"
+            for dt in ("bf16", "int8")
+            if rate(f"conv_{res}_{dt}")
+        ]
         convs.append(
-            f"{res}x{res}: {f32['conv_kernel_flops_per_s'] / 1e12:.0f}"
+            f"{res}x{res}: {rate(key) / 1e12:.0f}"
             + (f" ({', '.join(other)})" if other else "")
         )
-    if convs:
-        out.append(
-            "\nOne 3x3 convolution of the UNet alone (each resolution's channel count "
-            "in and out), its kernel's TFLOP/s, f32 (other operand types, f32 out): "
-            f"{'; '.join(convs)}."
-        )
+    if not convs:
+        return None
+    return (
+        "One 3x3 convolution of the UNet alone (each resolution's channel count "
+        "in and out), its kernel's TFLOP/s, f32 (other operand types, f32 out): "
+        f"{'; '.join(convs)}."
+    )
+
+
+def _norm_line(progs: dict) -> str | None:
     norms = []
     for res in sorted({int(k.split("_")[1]) for k in progs if k.startswith("gn_")}):
         row = [
@@ -553,15 +565,23 @@ def kernel_table(d: dict, ceiling: float | None = None) -> str:
         ]
         if all(row):
             norms.append(f"{res}x{res}: " + " / ".join(f"{v:.0f}" for v in row))
-    if norms:
-        out.append(
-            "\nGroupNorm + SiLU of one skip concatenation (two parts of the level's "
-            "width) alone, kernel µs, flax's on the concatenation / ours on the parts "
-            "/ one elementwise pass (the floor of a fused kernel): "
-            f"{'; '.join(norms)}."
-        )
-    if bound := bandwidth_bound(d, ceiling):
-        out.append("\n" + bound)
+    if not norms:
+        return None
+    return (
+        "GroupNorm + SiLU of one skip concatenation (two parts of the level's "
+        "width) alone, kernel µs, flax's on the concatenation / ours on the parts "
+        "/ one elementwise pass (the floor of a fused kernel): "
+        f"{'; '.join(norms)}."
+    )
+
+
+def kernel_table(d: dict, ceiling: float | None = None) -> str:
+    """GPU kernel time by kind per program, then what the single-op programs and
+    the byte counts say."""
+    progs = d["programs"]
+    lines = [_bandwidth_line(progs), _conv_line(progs), _norm_line(progs)]
+    lines.append(bandwidth_bound(d, ceiling))
+    out = _kernel_rows(d) + ["\n" + line for line in lines if line]
     out.append(
         f"\n*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "
         f"`{d['command']}` → `benchmarks/results/kernel_breakdown.json`*"

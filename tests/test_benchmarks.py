@@ -1,6 +1,6 @@
 """The benchmarks' own logic, on synthetic inputs (no device, no timing)."""
 
-from benchmarks.kernel_breakdown import (
+from benchmarks.trace import (
     breakdown,
     conv_operand_types,
     hlo_bytes,
