@@ -26,6 +26,12 @@ of each kind. Programs, on the shipped model at the paper's shapes:
     flax's on the concatenation, `models.norm`'s on its two parts, and one
     elementwise pass (the floor a fused kernel reaches); `floor_bytes_per_s` is
     one read + one write over kernel time;
+  * gnq_<res>_<xla|pallas|floor>: GroupNorm + SiLU + the conv's int8 activation
+    quantizer on the two parts (`benchmarks/fused_norm_quant.py`): XLA's two
+    passes (`reference`), the fused Pallas kernel (`fused`; interpreted off the
+    GPU) and one elementwise pass writing int8; `floor_bytes` is one float32 read
+    of both parts + one int8 write, and each pallas row's `mismatch_fraction` the
+    share of int8 values where it differs from the xla one (computed untimed);
   * conv_<res>_<dtype>: one 3x3 convolution of the UNet at each resolution alone,
     float32, and bf16 or int8 operands with float32 output: what the convolution
     kernels reach without the model's other work around them.
@@ -33,6 +39,7 @@ of each kind. Programs, on the shipped model at the paper's shapes:
   python -m benchmarks.kernel_breakdown                   # on the GPU
   python -m benchmarks.kernel_breakdown --samples 136 --out /tmp/k.json  # CPU check
   python -m benchmarks.kernel_breakdown --only conv_28_f32,conv_28_int8
+  python -m benchmarks.kernel_breakdown --only gnq_28_xla,gnq_28_pallas,gnq_28_floor
   python -m benchmarks.kernel_breakdown --conv-types benchmarks/results/hlo/*.gz
 
 Command buffers (CUDA graphs) are turned off, so every kernel shows in the trace.
@@ -42,10 +49,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import gzip
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -210,6 +219,88 @@ def _norm_programs(samples: int):
     return progs
 
 
+GNQ_GROUPS, GNQ_BOUND, GNQ_BITS = 8, 3.0, 8  # the UNet's groups; an 8-bit quantizer
+
+
+GNQ_VARIANT = re.compile(r"gnq_(\d+)_pallas_b(\d+)_w(\d+)_s(\d+)$")
+
+
+def _pallas_variants(only: set | None, res: int) -> dict:
+    """{name: fused's knobs} of the `gnq_<res>_pallas_b<block>_w<warps>_s<stages>`
+    names in `only` (the kernel's tiling and Triton settings, swept by name)."""
+    out = {}
+    for name in only or ():
+        if (m := GNQ_VARIANT.match(name)) and int(m[1]) == res:
+            out[name] = dict(block=int(m[2]), num_warps=int(m[3]), num_stages=int(m[4]))
+    return out
+
+
+def _norm_quant_programs(samples: int, only: set | None = None):
+    """GroupNorm + SiLU + int8 activation quantizer of a skip concatenation's two
+    parts at each resolution: XLA's passes, the fused Pallas kernel (and any knob
+    variants named in `only`), and the floor (one elementwise pass: read both
+    parts' float32, write int8)."""
+    from benchmarks import fused_norm_quant as naq
+
+    interpret = jax.default_backend() != "gpu"
+    progs = {}
+    for res, ch in CONV_SHAPES:
+        keys = jax.random.split(jax.random.key(3))
+        x = tuple(jax.random.normal(k, (samples, res, res, ch)) for k in keys)
+        args = (
+            x,
+            jnp.ones((2 * ch,)),
+            jnp.zeros((2 * ch,)),
+            jnp.float32(GNQ_BOUND),
+            jnp.int32(GNQ_BITS),
+        )
+        bytes_ = 2.0 * x[0].size * (4 + 1)  # float32 read + int8 write of both
+        progs[f"gnq_{res}_xla"] = (
+            bytes_, lambda x, s, b, c, n: naq.reference(x, s, b, GNQ_GROUPS, c, n), args
+        )  # fmt: skip
+        progs[f"gnq_{res}_pallas"] = (
+            bytes_,
+            lambda x, s, b, c, n: naq.fused(
+                x, s, b, GNQ_GROUPS, c, n, interpret=interpret
+            ),
+            args,
+        )
+        progs[f"gnq_{res}_floor"] = (bytes_, _int8_floor, args)
+        for name, knobs in _pallas_variants(only, res).items():
+            fn = functools.partial(
+                naq.fused, num_groups=GNQ_GROUPS, interpret=interpret, **knobs
+            )
+            progs[name] = (
+                bytes_,
+                lambda x, s, b, c, n, fn=fn: fn(x, s, b, bound=c, bits=n),
+                args,
+            )
+    return progs
+
+
+def _int8_floor(x, *_):
+    """One elementwise pass over both parts: read float32, write int8."""
+    from tmpq_jax.models.norm import concat
+
+    return jnp.round(jnp.clip(concat(x) * 1.5 + 0.5, -127, 127)).astype(jnp.int8)
+
+
+def gnq_mismatch(x, scale, bias, bound, bits) -> dict:
+    """Where the fused kernel's int8 values differ from XLA's (`reference`): the
+    fraction of elements, and the largest difference in LSBs."""
+    from benchmarks import fused_norm_quant as naq
+
+    interpret = jax.default_backend() != "gpu"
+    fused = naq.fused(x, scale, bias, GNQ_GROUPS, bound, bits, interpret=interpret)
+    ref = jax.jit(naq.reference, static_argnums=3)(
+        x, scale, bias, GNQ_GROUPS, bound, bits
+    )
+    diff = jnp.abs(fused.astype(jnp.int32) - ref.astype(jnp.int32))
+    return dict(
+        mismatch_fraction=float(jnp.mean(diff != 0)), mismatch_max_lsb=int(diff.max())
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000)
@@ -230,7 +321,8 @@ def _parser() -> argparse.ArgumentParser:
 def _programs(samples: int, only: set | None):
     """{name: (amount, fn, args)} of the programs `only` asks for (all: None), and
     the model's steps. `amount`: FLOPs, or for `gn_*` the bytes of one read + one
-    write; built only where asked for (the inputs are large)."""
+    write (`gnq_*`: float32 read, int8 write); built only where asked for (the
+    inputs are large)."""
     wanted = lambda prefix: not only or any(n.startswith(prefix) for n in only)
     progs, steps = {}, None
     if not only or only & set(MODEL_PROGRAMS):
@@ -239,20 +331,24 @@ def _programs(samples: int, only: set | None):
         progs.update(_conv_programs(samples))
     if wanted("gn_"):
         progs.update(_norm_programs(samples))
+    if wanted("gnq_"):
+        progs.update(_norm_quant_programs(samples, only))
     return {k: v for k, v in progs.items() if not only or k in only}, steps
 
 
 def _measure(name: str, amount: float, fn, args, repeats: int, hlo_dir) -> dict:
     """One program's row: its trace breakdown plus its rate (FLOP/s over wall time;
-    for `gn_*`, bytes/s over kernel time), or the error it raised."""
+    for `gn_*` and `gnq_*`, bytes/s over kernel time), or the error it raised."""
     try:
         hlo = hlo_dir / f"{name}.hlo.txt" if hlo_dir else None
         row = profile(fn, *args, repeats=repeats, hlo_path=hlo)
     except Exception as e:  # noqa: BLE001 - e.g. int8 convs unsupported
         return dict(error=f"{type(e).__name__}: {e}"[:400])
-    if name.startswith("gn_"):
+    if name.startswith(("gn_", "gnq_")):
         row["floor_bytes"] = amount
         row["floor_bytes_per_s"] = amount / (row["busy_us"] * 1e-6)
+        if name.startswith("gnq_") and name.endswith("_pallas"):
+            row.update(gnq_mismatch(*args))  # after (outside) the timed runs
         return row
     row["flops"] = amount
     row["flops_per_s"] = amount / row["wall_s"]

@@ -46,6 +46,7 @@ BUDGETS = {
         "search.seed_a_bits=8",
     ],
 }
+ROW_PROVENANCE = ("device", "date", "command")
 METHODS = {
     "joint": [],
     "precision": ["search.space=precision"],
@@ -127,23 +128,28 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
             "generations_logged_before": before,  # > 0: resumed, wall_s is the rest
         }
         budget_total = res["budget_bitops"]
+    prov = provenance()
     r.update(
         method=method,
         budget=budget,
         budget_bitops=budget_total,
         seed=seed,
         wall_s=round(time.perf_counter() - t0, 2),
+        **{k: prov[k] for k in ROW_PROVENANCE},  # parts may hold rows of many runs
     )
     return r
 
 
 def merge(paths: list[str], out_dir: str | None) -> Path:
     """One table from part files (a merged table may be one of them: its parts are
-    kept); a row measured again (same budget, method, seed) replaces the earlier."""
+    kept); a row measured again (same budget, method, seed) replaces the earlier.
+    A row without its own device, date and command (written before rows carried
+    them) takes its part file's."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     rows = {}
     for p in parts:
         for r in p["rows"]:
+            r = {**{k: p[k] for k in ROW_PROVENANCE}, **r}
             rows.pop((r["budget"], r["method"], r["seed"]), None)
             rows[(r["budget"], r["method"], r["seed"])] = r
     keys = ("device", "date", "command")

@@ -121,9 +121,36 @@ def search_table(d: dict) -> str:
         if missing:
             out += ["", f"Not yet run at {w}: {'; '.join(missing)}."]
         out.append("")
-    parts = "; ".join(f"`{p['command']}`" for p in d.get("parts", [d]))
-    src = f"*{d['device']}, {d['date'][:10]}; {parts} → `benchmarks/results/search_table.json`*"
-    return "\n".join(out) + "\n" + src
+    return "\n".join(out) + "\n" + _search_sources(d)
+
+
+def _search_sources(d: dict) -> str:
+    """The table's footer: which device ran which rows, the dates, the commands
+    (rows carry their own; a table from before they did names its parts')."""
+    rows = d["rows"]
+    if not all("command" in r for r in rows):
+        parts = "; ".join(f"`{p['command']}`" for p in d.get("parts", [d]))
+        return f"*{d['device']}, {d['date'][:10]}; {parts} → `benchmarks/results/search_table.json`*"
+    by_device: dict[str, dict] = {}
+    for r in rows:
+        key = (r["budget"].upper(), r["method"])
+        by_device.setdefault(r["device"], {}).setdefault(key, []).append(r["seed"])
+    # the device that ran most rows is "the rest"; the others list their rows
+    order = sorted(by_device, key=lambda dev: -sum(map(len, by_device[dev].values())))
+    devices = order[0] if len(order) == 1 else f"{order[0]}: every row but these"
+    for dev in order[1:]:
+        runs = sorted(by_device[dev].items())
+        devices += f"; {dev}: " + ", ".join(
+            f"{b} {m} (seed {', '.join(map(str, sorted(seeds)))})"
+            for (b, m), seeds in runs
+        )
+    dates = sorted({r["date"][:10] for r in rows})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    return (
+        f"*{devices}; {when}; each row one `python -m benchmarks.search_table --budget B "
+        "--methods M --seeds S` (its device, date and exact command in the JSON) → "
+        "`benchmarks/results/search_table.json`*"
+    )
 
 
 def large_table(base: dict, large: dict, m_base: dict, m_large: dict) -> str:
@@ -556,9 +583,14 @@ def _conv_line(progs: dict) -> str | None:
     )
 
 
+def _resolutions(progs: dict, prefix: str) -> list[int]:
+    """The resolutions of the `<prefix><res>_...` programs, ascending."""
+    return sorted({int(k.split("_")[1]) for k in progs if k.startswith(prefix)})
+
+
 def _norm_line(progs: dict) -> str | None:
     norms = []
-    for res in sorted({int(k.split("_")[1]) for k in progs if k.startswith("gn_")}):
+    for res in _resolutions(progs, "gn_"):
         row = [
             progs.get(f"gn_{res}_{v}", {}).get("busy_us")
             for v in ("flax", "parts", "floor")
@@ -572,6 +604,40 @@ def _norm_line(progs: dict) -> str | None:
         "width) alone, kernel µs, flax's on the concatenation / ours on the parts "
         "/ one elementwise pass (the floor of a fused kernel): "
         f"{'; '.join(norms)}."
+    )
+
+
+def fused_norm_quant_text(d: dict) -> str | None:
+    """The fused GroupNorm + SiLU + quantizer prototype against XLA and the floor,
+    its best knob variant included (`kernel_breakdown_gnq.json`)."""
+    progs, rows = d["programs"], []
+    for res in _resolutions(progs, "gnq_"):
+        us = lambda v, res=res: progs.get(f"gnq_{res}_{v}", {}).get("busy_us")
+        tried = {
+            k: v["busy_us"]
+            for k, v in progs.items()
+            if k.startswith(f"gnq_{res}_pallas") and "busy_us" in v
+        }
+        if not (us("xla") and us("pallas") and us("floor")):
+            continue
+        best = min(tried, key=tried.get)
+        knobs = best.removeprefix(f"gnq_{res}_pallas").strip("_") or "default"
+        diff = progs[f"gnq_{res}_pallas"].get("mismatch_fraction")
+        rows.append(
+            f"{res}x{res}: {us('xla'):.0f} / {us('pallas'):.0f} (best of "
+            f"{len(tried)} settings: {tried[best]:.0f}, {knobs}) / {us('floor'):.0f}"
+            + ("" if diff is None else f", {diff:.1e} of its values differ")
+        )
+    if not rows:
+        return None
+    return (
+        "GroupNorm + SiLU + the conv's int8 activation quantizer on the two parts "
+        "alone, kernel µs, XLA's two passes / one fused Pallas-Triton kernel, one "
+        "program per sample (`benchmarks/fused_norm_quant.py`; settings "
+        "b<tile elements>_w<warps>_s<stages>) / one elementwise pass, float32 in, "
+        f"int8 out (the floor): {'; '.join(rows)}.\n\n*{d['device']}, jax "
+        f"{d['jax_version']}, {d['date'][:10]}; `{d['command']}` → "
+        "`benchmarks/results/kernel_breakdown_gnq.json`*"
     )
 
 
@@ -596,6 +662,10 @@ def render_perf() -> str:
             text += "\n\nWhere the GPU's time goes (`python -m benchmarks.kernel_breakdown`: "
             text += "kernel time by kind, from a profiler trace):\n\n"
             text += kernel_table(k, d.get("bf16_ceiling_flops_per_s"))
+        if (g := _load("kernel_breakdown_gnq.json")) and (
+            line := fused_norm_quant_text(g)
+        ):
+            text += "\n\n" + line
         return text
     return "Not yet measured: `python -m benchmarks.perf` writes `benchmarks/results/perf.json`."
 

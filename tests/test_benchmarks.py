@@ -158,3 +158,34 @@ def test_bandwidth_bound_is_the_default_programs_bytes_at_the_best_floor():
     # 6 GB at 3 TB/s: 2 ms; 3 TFLOP in 2 ms is 1500 TFLOP/s, 250% of the ceiling
     assert "6 GB" in text and "takes 2 ms" in text and "about 250%" in text
     assert bandwidth_bound(d, ceiling=None) is None
+
+
+def test_search_table_merge_keeps_each_rows_provenance(tmp_path):
+    """Rows from before rows carried provenance take their part's; a row run again
+    replaces the old one; the footer says which device ran which rows."""
+    import json
+
+    from benchmarks.search_table import merge
+    from benchmarks.tables import search_table
+
+    def row(method, seed, fid, **prov):
+        return dict(budget="w6a6", method=method, seed=seed, fid_10k=fid, fid_2k=fid,
+                    bitops=1e11, budget_bitops=1e11, evaluations=810, **prov)  # fmt: skip
+
+    old = dict(device="GPU-A", date="2026-11-25T10:00:00", command="cmd old",
+               rows=[row("joint", 0, 3.0), row("joint", 1, 4.0)])  # fmt: skip
+    new_prov = dict(device="GPU-B", date="2026-11-26T10:00:00", command="cmd row")
+    new = dict(device="GPU-B", date="2026-11-26T11:00:00", command="cmd last",
+               rows=[row("joint", 1, 5.0, **new_prov)])  # fmt: skip
+    paths = []
+    for name, part in (("old.json", old), ("new.json", new)):
+        (tmp_path / name).write_text(json.dumps(part))
+        paths.append(str(tmp_path / name))
+    table = json.loads(merge(paths, str(tmp_path)).read_text())
+    by_seed = {r["seed"]: r for r in table["rows"]}
+    assert by_seed[0]["command"] == "cmd old" and by_seed[0]["device"] == "GPU-A"
+    assert by_seed[1]["command"] == "cmd row" and by_seed[1]["fid_10k"] == 5.0
+    text = search_table(table)
+    assert "4.00 ± 1.41 (2 seeds)" in text  # 3.0 and 5.0: the rerun row counts
+    assert "GPU-A: every row but these; GPU-B: W6A6 joint (seed 1)" in text
+    assert "2026-11-25 to 2026-11-26" in text

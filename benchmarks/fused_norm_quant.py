@@ -1,0 +1,210 @@
+"""GroupNorm + SiLU + AQT per-tensor activation quantizer in one Pallas kernel.
+
+Before each quantized conv the UNet computes `quant(silu(GroupNorm(x)))`, where x
+(float32, or the up path's (h, skip) parts) is only read. XLA runs that as two
+kernels: a reduction reading x for the group statistics (4 B per element), then a
+fused normalize + SiLU + quantizer reading x again and writing the conv's int8
+input (4 + 1 B): 9 B per element from HBM. `fused` is one kernel, one program per
+sample: it reads the sample once for the statistics and once more to normalize
+(a sample is at most a few hundred KiB, so the second read should mostly hit L2;
+loads are hinted evict_last, then evict_first), writing int8: 5 B per element.
+`reference` is the same function in plain JAX (the model's own modules): XLA's
+two passes. A measured prototype (`python -m benchmarks.kernel_breakdown --only
+gnq_...`), not used by the model: on an H100 it only ties XLA (28x28, two parts of
+32 channels: 345 us at its best tiling against XLA's 340, one elementwise pass 162;
+benchmarks/results/kernel_breakdown_gnq.json), so one program per sample does not
+keep enough loads in flight, or its second read misses L2. `reference` is exact
+against the model's path (tests/test_fused_norm_quant.py): the test bed a faster
+kernel would be checked on.
+
+Numerics: statistics as `models.norm.GroupNorm` (float32 E[x^2] - E[x]^2 clipped at
+0, eps 1e-6; only the summation order differs), SiLU as `nn.silu`, quantizer as AQT's
+with `numerics.PerTensorCalibration(bound)` and `TracedIntSymmetric(bits)`: scale =
+bound / (2**(bits-1) - 0.5) (bound 0 -> 1), q = x * reciprocal(scale), clipped to
++-(2**(bits-1) - 1), rounded half to even (in the kernel from floor and compares:
+Pallas-Triton has no round), int8. Pallas-Triton needs power-of-2 array sizes: rows
+(H*W) and channels are loaded in power-of-2 blocks under masks.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from tmpq_jax.models.norm import GroupNorm, as_parts
+from tmpq_jax.quant.numerics import int_numerics_for
+
+EPS = 1e-6
+
+
+def quant_params(bound, bits) -> tuple[jax.Array, jax.Array]:
+    """(1 / scale, clip bound) of AQT's per-tensor quantizer, as float32 scalars,
+    computed with AQT's own operations (aqt_tensor.QTensor.quant)."""
+    numerics = int_numerics_for(bits)
+    bound = jnp.asarray(bound, jnp.float32)
+    bound = jnp.where(bound == 0.0, jnp.ones_like(bound), bound)
+    scale = (bound / numerics.get_quant_bound()).astype(jnp.float32)
+    inv = lax.reciprocal(scale)
+    inv = jnp.where(jnp.isinf(inv), jnp.ones_like(inv), inv)
+    clip = jnp.asarray(numerics.get_quant_bound() - 0.5, jnp.float32)
+    return inv, clip
+
+
+def reference(parts, scale, bias, num_groups: int, bound, bits) -> jax.Array:
+    """int8[N, H, W, C]: AQT's quantized value of silu(GroupNorm(concat(parts)))."""
+    params = {"params": {"scale": scale, "bias": bias}}
+    y = nn.silu(GroupNorm(num_groups, epsilon=EPS).apply(params, as_parts(parts)))
+    inv, clip = quant_params(bound, bits)
+    q = lax.round(jnp.clip(y * inv, -clip, clip), lax.RoundingMethod.TO_NEAREST_EVEN)
+    return q.astype(jnp.int8)
+
+
+def round_half_even(v: jax.Array) -> jax.Array:
+    """lax.round(v, TO_NEAREST_EVEN) from floor and compares, all exact (Triton
+    has no round; the add-subtract of 1.5 * 2**23 is folded away by XLA's CPU
+    simplifier, so interpret mode would truncate instead)."""
+    t = jnp.floor(v)
+    d = v - t
+    odd = (t - 2.0 * jnp.floor(0.5 * t)) == 1.0
+    return jnp.where((d > 0.5) | ((d == 0.5) & odd), t + 1.0, t)
+
+
+def _blocks(ref, n, r0, rows, cp, width, hw):
+    """(indexed ref, mask) of a [rows, cp] block at row r0 of sample n: rows below
+    hw and channels below width (cp is width rounded up to a power of 2)."""
+    r = r0 + jnp.arange(rows)
+    mask = (r < hw)[:, None] & (jnp.arange(cp) < width)[None, :]
+    return ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)], mask
+
+
+def _channel_sums(xs, n, layout, rows, hw):
+    """Pass 1: per part, ([cp] sums of x, [cp] sums of x**2) over the sample's rows
+    (accumulated as [rows, cp] tiles, reduced over rows at the end)."""
+
+    def body(i, acc):
+        out = []
+        for x_ref, (w, cp, _), (s, q) in zip(xs, layout, acc, strict=True):
+            ref, mask = _blocks(x_ref, n, i * rows, rows, cp, w, hw)
+            x = plgpu.load(ref, mask=mask, other=0.0, eviction_policy="evict_last")
+            out.append((s + x, q + x * x))
+        return tuple(out)
+
+    zero = lambda cp: jnp.zeros((rows, cp), jnp.float32)
+    acc = tuple((zero(cp), zero(cp)) for _, cp, _ in layout)
+    acc = lax.fori_loop(0, pl.cdiv(hw, rows), body, acc)
+    return [(jnp.sum(s, axis=0), jnp.sum(q, axis=0)) for s, q in acc]
+
+
+def _one_hot(width, cp, offset, per_group, gp):
+    """float32 [cp, gp]: 1 where the part's channel c (< width) is in group g."""
+    c = jnp.arange(cp)
+    g = lax.div(c + offset, per_group)
+    hot = (g[:, None] == jnp.arange(gp)[None, :]) & (c < width)[:, None]
+    return hot.astype(jnp.float32)
+
+
+def _kernel(*refs, layout, groups, rows, hw):
+    """One sample: group statistics, then normalize + SiLU + quantize each part.
+    `layout`: per part (channels, channels rounded up to 2**k, channel offset)."""
+    k = len(layout)
+    xs, scales, biases = refs[:k], refs[k : 2 * k], refs[2 * k : 3 * k]
+    inv_ref, clip_ref, out_ref = refs[3 * k :]
+    n = pl.program_id(0)
+    sums = _channel_sums(xs, n, layout, rows, hw)
+    per_group = sum(w for w, _, _ in layout) // groups
+    gp = pl.next_power_of_2(groups)
+    hots = [_one_hot(w, cp, off, per_group, gp) for w, cp, off in layout]
+    gsum = sum(
+        jnp.sum(s[:, None] * h, axis=0) for (s, _), h in zip(sums, hots, strict=True)
+    )
+    gsq = sum(
+        jnp.sum(q[:, None] * h, axis=0) for (_, q), h in zip(sums, hots, strict=True)
+    )
+    count = float(hw * per_group)
+    mean, mean2 = gsum / count, gsq / count  # as models.norm.GroupNorm
+    rstd = lax.rsqrt(jnp.maximum(0.0, mean2 - mean * mean) + EPS)
+    inv, clip = inv_ref[...], clip_ref[...]
+    for p, (w, cp, off) in enumerate(layout):
+        cmask = jnp.arange(cp) < w
+        scale = plgpu.load(scales[p].at[pl.ds(0, cp)], mask=cmask, other=0.0)
+        bias = plgpu.load(biases[p].at[pl.ds(0, cp)], mask=cmask, other=0.0)
+        m = jnp.sum(hots[p] * mean[None, :], axis=1)  # each channel's group mean
+        mul = jnp.sum(hots[p] * rstd[None, :], axis=1) * scale
+        coef = (m, mul, bias, inv, clip)
+        _normalize(xs[p], out_ref, n, coef, rows, (w, cp, off), hw)
+
+
+def _normalize(x_ref, out_ref, n, coef, rows, part, hw):
+    """Pass 2 over one part: int8 of quant(silu((x - m) * mul + b))."""
+    m, mul, b, inv, clip = coef
+    width, cp, offset = part
+
+    @pl.loop(0, pl.cdiv(hw, rows))
+    def _(i):
+        ref, mask = _blocks(x_ref, n, i * rows, rows, cp, width, hw)
+        x = plgpu.load(ref, mask=mask, other=0.0, eviction_policy="evict_first")
+        y = jax.nn.silu((x - m[None, :]) * mul[None, :] + b[None, :])
+        v = jnp.minimum(jnp.maximum(y * inv, -clip), clip)
+        q = round_half_even(v).astype(jnp.int8)
+        dst = out_ref.at[n, pl.ds(i * rows, rows), pl.ds(offset, cp)]
+        plgpu.store(dst, q, mask=mask)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("num_groups", "interpret", "block", "num_warps", "num_stages"),
+)
+def fused(
+    parts,
+    scale,
+    bias,
+    num_groups: int,
+    bound,
+    bits,
+    *,
+    interpret: bool = False,
+    block: int = 2048,
+    num_warps: int = 4,
+    num_stages: int = 1,
+) -> jax.Array:
+    """`reference` as one Pallas kernel, one program per sample; 1 or more parts
+    [N, H, W, C_i] float32 are read in place (never concatenated). `block`: elements
+    of a [rows, channels] tile (rows a power of 2, all parts' channels together);
+    `num_warps`, `num_stages`: Triton's (stages > 1 pipelines the row loops' loads)."""
+    parts = tuple(p.astype(jnp.float32) for p in as_parts(parts))
+    n, h, w = parts[0].shape[:3]
+    widths = tuple(p.shape[-1] for p in parts)
+    if sum(widths) % num_groups:
+        raise ValueError(f"{sum(widths)} channels not divisible by {num_groups}")
+    hw = h * w
+    starts = (0, *itertools.accumulate(widths))
+    layout = tuple(
+        (c, pl.next_power_of_2(c), o) for c, o in zip(widths, starts, strict=False)
+    )
+    cp_all = sum(cp for _, cp, _ in layout)
+    rows = min(pl.next_power_of_2(hw), 1 << int(math.log2(max(1, block // cp_all))))
+    scales = tuple(jnp.split(scale.astype(jnp.float32), starts[1:-1]))
+    biases = tuple(jnp.split(bias.astype(jnp.float32), starts[1:-1]))
+    inv, clip = quant_params(bound, bits)
+    kernel = functools.partial(
+        _kernel, layout=layout, groups=num_groups, rows=rows, hw=hw
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n, hw, sum(widths)), jnp.int8),
+        grid=(n,),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=num_warps, num_stages=num_stages
+        ),
+        interpret=interpret,
+        name="gn_silu_quant",
+    )(*(p.reshape(n, hw, -1) for p in parts), *scales, *biases, inv, clip)
+    return out.reshape(n, h, w, sum(widths))
