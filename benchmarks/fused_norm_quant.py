@@ -9,11 +9,11 @@ sample: it reads the sample once for the statistics and once more to normalize
 (a sample is at most a few hundred KiB, so the second read should mostly hit L2;
 loads are hinted evict_last, then evict_first), writing int8: 5 B per element.
 `reference` is the same function in plain JAX (the model's own modules): XLA's
-two passes. A measured prototype (`python -m benchmarks.kernel_breakdown --only
-gnq_...`), not used by the model: on an H100 it only ties XLA (28x28, two parts of
-32 channels: 345 us at its best tiling against XLA's 340, one elementwise pass 162;
-benchmarks/results/kernel_breakdown_gnq.json), so one program per sample does not
-keep enough loads in flight, or its second read misses L2. `reference` is exact
+two passes. Measured prototypes (`python -m benchmarks.kernel_breakdown --only
+gnq_...`), not used by the model: on an H100 neither `fused` nor `fused_blocks` (one
+program per sample and block of whole groups) beats XLA at 28x28, where the bytes
+are (336 us at best against XLA's 340, one elementwise pass 161); they win at 14x14
+and 7x7 (benchmarks/results/kernel_breakdown_gnq.json). `reference` is exact
 against the model's path (tests/test_fused_norm_quant.py): the test bed a faster
 kernel would be checked on.
 
@@ -142,20 +142,24 @@ def _kernel(*refs, layout, groups, rows, hw):
         _normalize(xs[p], out_ref, n, coef, rows, (w, cp, off), hw)
 
 
+def _quantized(x, coef):
+    """int8 of quant(silu((x - m) * mul + b)) for a [rows, channels] tile."""
+    m, mul, b, inv, clip = coef
+    y = jax.nn.silu((x - m[None, :]) * mul[None, :] + b[None, :])
+    v = jnp.minimum(jnp.maximum(y * inv, -clip), clip)
+    return round_half_even(v).astype(jnp.int8)
+
+
 def _normalize(x_ref, out_ref, n, coef, rows, part, hw):
     """Pass 2 over one part: int8 of quant(silu((x - m) * mul + b))."""
-    m, mul, b, inv, clip = coef
     width, cp, offset = part
 
     @pl.loop(0, pl.cdiv(hw, rows))
     def _(i):
         ref, mask = _blocks(x_ref, n, i * rows, rows, cp, width, hw)
         x = plgpu.load(ref, mask=mask, other=0.0, eviction_policy="evict_first")
-        y = jax.nn.silu((x - m[None, :]) * mul[None, :] + b[None, :])
-        v = jnp.minimum(jnp.maximum(y * inv, -clip), clip)
-        q = round_half_even(v).astype(jnp.int8)
         dst = out_ref.at[n, pl.ds(i * rows, rows), pl.ds(offset, cp)]
-        plgpu.store(dst, q, mask=mask)
+        plgpu.store(dst, _quantized(x, coef), mask=mask)
 
 
 @functools.partial(
@@ -207,4 +211,122 @@ def fused(
         interpret=interpret,
         name="gn_silu_quant",
     )(*(p.reshape(n, hw, -1) for p in parts), *scales, *biases, inv, clip)
+    return out.reshape(n, h, w, sum(widths))
+
+
+# ----------------------------------------------------------------------------
+# One program per (sample, block of whole groups): a smaller working set per
+# program (the block's channels only), so its second read can hit L1/L2.
+
+
+def _block_kernel(*refs, blocks, per_group, gpb, rows, hw):
+    """Program (n, j): groups [j*gpb, (j+1)*gpb) of sample n, all inside one part.
+    `blocks`: per part (first block index, number of blocks, channel offset)."""
+    k = len(blocks)
+    xs, scales, biases = refs[:k], refs[k : 2 * k], refs[2 * k : 3 * k]
+    inv_ref, clip_ref, out_ref = refs[3 * k :]
+    n, j = pl.program_id(0), pl.program_id(1)
+    cb = gpb * per_group
+    cbp, gpp = pl.next_power_of_2(cb), pl.next_power_of_2(gpb)
+    hot = _one_hot(cb, cbp, 0, per_group, gpp)
+    for p, (first, count, offset) in enumerate(blocks):
+
+        @pl.when((j >= first) & (j < first + count))
+        def _(p=p, first=first, offset=offset):
+            c0 = (j - first) * cb
+            coef = _block_stats(xs[p], n, c0, cbp, cb, hot, rows, hw, per_group)
+            cmask = jnp.arange(cbp) < cb
+            scale = plgpu.load(scales[p].at[pl.ds(c0, cbp)], mask=cmask, other=0.0)
+            bias = plgpu.load(biases[p].at[pl.ds(c0, cbp)], mask=cmask, other=0.0)
+            m, rstd = coef
+            coef = (m, rstd * scale, bias, inv_ref[...], clip_ref[...])
+            _block_normalize(xs[p], out_ref, n, c0, offset, coef, rows, cbp, cb, hw)
+
+
+def _block_at(ref, n, r0, rows, c0, cbp, cb, hw):
+    r = r0 + jnp.arange(rows)
+    mask = (r < hw)[:, None] & (jnp.arange(cbp) < cb)[None, :]
+    return ref.at[n, pl.ds(r0, rows), pl.ds(c0, cbp)], mask
+
+
+def _block_stats(x_ref, n, c0, cbp, cb, hot, rows, hw, per_group):
+    """Each channel's group mean and rstd ([cbp] each) over the sample's rows."""
+
+    def body(i, acc):
+        s, q = acc
+        ref, mask = _block_at(x_ref, n, i * rows, rows, c0, cbp, cb, hw)
+        x = plgpu.load(ref, mask=mask, other=0.0, eviction_policy="evict_last")
+        return s + x, q + x * x
+
+    zero = jnp.zeros((rows, cbp), jnp.float32)
+    s, q = lax.fori_loop(0, pl.cdiv(hw, rows), body, (zero, zero))
+    count = float(hw * per_group)
+    mean = jnp.sum(jnp.sum(s, axis=0)[:, None] * hot, axis=0) / count
+    mean2 = jnp.sum(jnp.sum(q, axis=0)[:, None] * hot, axis=0) / count
+    rstd = lax.rsqrt(jnp.maximum(0.0, mean2 - mean * mean) + EPS)
+    # back to channels: [cbp]
+    return jnp.sum(hot * mean[None, :], axis=1), jnp.sum(hot * rstd[None, :], axis=1)
+
+
+def _block_normalize(x_ref, out_ref, n, c0, offset, coef, rows, cbp, cb, hw):
+
+    @pl.loop(0, pl.cdiv(hw, rows))
+    def _(i):
+        ref, mask = _block_at(x_ref, n, i * rows, rows, c0, cbp, cb, hw)
+        x = plgpu.load(ref, mask=mask, other=0.0, eviction_policy="evict_first")
+        dst = out_ref.at[n, pl.ds(i * rows, rows), pl.ds(offset + c0, cbp)]
+        plgpu.store(dst, _quantized(x, coef), mask=mask)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("num_groups", "gpb", "interpret", "block", "num_warps"),
+)
+def fused_blocks(
+    parts,
+    scale,
+    bias,
+    num_groups: int,
+    bound,
+    bits,
+    *,
+    gpb: int = 2,
+    interpret: bool = False,
+    block: int = 2048,
+    num_warps: int = 4,
+) -> jax.Array:
+    """`fused` with one program per (sample, `gpb` groups): each part's channel
+    count must be a multiple of `gpb` groups' channels (so no block straddles)."""
+    parts = tuple(p.astype(jnp.float32) for p in as_parts(parts))
+    n, h, w = parts[0].shape[:3]
+    widths = tuple(p.shape[-1] for p in parts)
+    per_group, hw = sum(widths) // num_groups, h * w
+    cb = gpb * per_group
+    if sum(widths) % num_groups or any(c % cb for c in widths):
+        raise ValueError(f"parts {widths}: not whole blocks of {gpb} groups")
+    starts = (0, *itertools.accumulate(widths))
+    firsts = (0, *itertools.accumulate(c // cb for c in widths))
+    blocks = tuple(
+        (f, c // cb, o) for f, c, o in zip(firsts, widths, starts, strict=False)
+    )
+    rows = min(pl.next_power_of_2(hw), max(1, block // pl.next_power_of_2(cb)))
+    rows = 1 << int(math.log2(rows))
+    inv, clip = quant_params(bound, bits)
+    kernel = functools.partial(
+        _block_kernel, blocks=blocks, per_group=per_group, gpb=gpb, rows=rows, hw=hw
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n, hw, sum(widths)), jnp.int8),
+        grid=(n, firsts[-1]),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="gn_silu_quant_blocks",
+    )(
+        *(p.reshape(n, hw, -1) for p in parts),
+        *jnp.split(scale.astype(jnp.float32), starts[1:-1]),
+        *jnp.split(bias.astype(jnp.float32), starts[1:-1]),
+        inv,
+        clip,
+    )
     return out.reshape(n, h, w, sum(widths))

@@ -27,11 +27,13 @@ of each kind. Programs, on the shipped model at the paper's shapes:
     elementwise pass (the floor a fused kernel reaches); `floor_bytes_per_s` is
     one read + one write over kernel time;
   * gnq_<res>_<xla|pallas|floor>: GroupNorm + SiLU + the conv's int8 activation
-    quantizer on the two parts (`benchmarks/fused_norm_quant.py`): XLA's two
+    quantizer on the two parts (`benchmarks/norm_quant_programs.py`): XLA's two
     passes (`reference`), the fused Pallas kernel (`fused`; interpreted off the
-    GPU) and one elementwise pass writing int8; `floor_bytes` is one float32 read
-    of both parts + one int8 write, and each pallas row's `mismatch_fraction` the
-    share of int8 values where it differs from the xla one (computed untimed);
+    GPU) and one elementwise pass writing int8, plus kernel settings named
+    `gnq_<res>_pallas_b<tile>_w<warps>_s<stages>` or `gnq_<res>_blocks_g<groups>_
+    b<tile>_w<warps>` (`fused_blocks`); `floor_bytes` is one float32 read of both
+    parts + one int8 write, and each kernel row's `mismatch_fraction` the share of
+    int8 values where it differs from the xla one (computed untimed);
   * conv_<res>_<dtype>: one 3x3 convolution of the UNet at each resolution alone,
     float32, and bf16 or int8 operands with float32 output: what the convolution
     kernels reach without the model's other work around them.
@@ -49,12 +51,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import glob
 import gzip
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -219,88 +219,6 @@ def _norm_programs(samples: int):
     return progs
 
 
-GNQ_GROUPS, GNQ_BOUND, GNQ_BITS = 8, 3.0, 8  # the UNet's groups; an 8-bit quantizer
-
-
-GNQ_VARIANT = re.compile(r"gnq_(\d+)_pallas_b(\d+)_w(\d+)_s(\d+)$")
-
-
-def _pallas_variants(only: set | None, res: int) -> dict:
-    """{name: fused's knobs} of the `gnq_<res>_pallas_b<block>_w<warps>_s<stages>`
-    names in `only` (the kernel's tiling and Triton settings, swept by name)."""
-    out = {}
-    for name in only or ():
-        if (m := GNQ_VARIANT.match(name)) and int(m[1]) == res:
-            out[name] = dict(block=int(m[2]), num_warps=int(m[3]), num_stages=int(m[4]))
-    return out
-
-
-def _norm_quant_programs(samples: int, only: set | None = None):
-    """GroupNorm + SiLU + int8 activation quantizer of a skip concatenation's two
-    parts at each resolution: XLA's passes, the fused Pallas kernel (and any knob
-    variants named in `only`), and the floor (one elementwise pass: read both
-    parts' float32, write int8)."""
-    from benchmarks import fused_norm_quant as naq
-
-    interpret = jax.default_backend() != "gpu"
-    progs = {}
-    for res, ch in CONV_SHAPES:
-        keys = jax.random.split(jax.random.key(3))
-        x = tuple(jax.random.normal(k, (samples, res, res, ch)) for k in keys)
-        args = (
-            x,
-            jnp.ones((2 * ch,)),
-            jnp.zeros((2 * ch,)),
-            jnp.float32(GNQ_BOUND),
-            jnp.int32(GNQ_BITS),
-        )
-        bytes_ = 2.0 * x[0].size * (4 + 1)  # float32 read + int8 write of both
-        progs[f"gnq_{res}_xla"] = (
-            bytes_, lambda x, s, b, c, n: naq.reference(x, s, b, GNQ_GROUPS, c, n), args
-        )  # fmt: skip
-        progs[f"gnq_{res}_pallas"] = (
-            bytes_,
-            lambda x, s, b, c, n: naq.fused(
-                x, s, b, GNQ_GROUPS, c, n, interpret=interpret
-            ),
-            args,
-        )
-        progs[f"gnq_{res}_floor"] = (bytes_, _int8_floor, args)
-        for name, knobs in _pallas_variants(only, res).items():
-            fn = functools.partial(
-                naq.fused, num_groups=GNQ_GROUPS, interpret=interpret, **knobs
-            )
-            progs[name] = (
-                bytes_,
-                lambda x, s, b, c, n, fn=fn: fn(x, s, b, bound=c, bits=n),
-                args,
-            )
-    return progs
-
-
-def _int8_floor(x, *_):
-    """One elementwise pass over both parts: read float32, write int8."""
-    from tmpq_jax.models.norm import concat
-
-    return jnp.round(jnp.clip(concat(x) * 1.5 + 0.5, -127, 127)).astype(jnp.int8)
-
-
-def gnq_mismatch(x, scale, bias, bound, bits) -> dict:
-    """Where the fused kernel's int8 values differ from XLA's (`reference`): the
-    fraction of elements, and the largest difference in LSBs."""
-    from benchmarks import fused_norm_quant as naq
-
-    interpret = jax.default_backend() != "gpu"
-    fused = naq.fused(x, scale, bias, GNQ_GROUPS, bound, bits, interpret=interpret)
-    ref = jax.jit(naq.reference, static_argnums=3)(
-        x, scale, bias, GNQ_GROUPS, bound, bits
-    )
-    diff = jnp.abs(fused.astype(jnp.int32) - ref.astype(jnp.int32))
-    return dict(
-        mismatch_fraction=float(jnp.mean(diff != 0)), mismatch_max_lsb=int(diff.max())
-    )
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000)
@@ -332,7 +250,9 @@ def _programs(samples: int, only: set | None):
     if wanted("gn_"):
         progs.update(_norm_programs(samples))
     if wanted("gnq_"):
-        progs.update(_norm_quant_programs(samples, only))
+        from benchmarks import norm_quant_programs
+
+        progs.update(norm_quant_programs.programs(samples, CONV_SHAPES, only))
     return {k: v for k, v in progs.items() if not only or k in only}, steps
 
 
@@ -347,8 +267,10 @@ def _measure(name: str, amount: float, fn, args, repeats: int, hlo_dir) -> dict:
     if name.startswith(("gn_", "gnq_")):
         row["floor_bytes"] = amount
         row["floor_bytes_per_s"] = amount / (row["busy_us"] * 1e-6)
-        if name.startswith("gnq_") and name.endswith("_pallas"):
-            row.update(gnq_mismatch(*args))  # after (outside) the timed runs
+        if name.startswith("gnq_") and not name.endswith(("_xla", "_floor")):
+            from benchmarks.norm_quant_programs import mismatch
+
+            row.update(mismatch(fn, *args))  # after (outside) the timed runs
         return row
     row["flops"] = amount
     row["flops_per_s"] = amount / row["wall_s"]

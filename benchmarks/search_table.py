@@ -144,12 +144,14 @@ def merge(paths: list[str], out_dir: str | None) -> Path:
     """One table from part files (a merged table may be one of them: its parts are
     kept); a row measured again (same budget, method, seed) replaces the earlier.
     A row without its own device, date and command (written before rows carried
-    them) takes its part file's."""
+    them) takes its part file's, unless that file is itself a merge of several
+    (whose top-level provenance is only its last part's)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     rows = {}
     for p in parts:
+        fill = len(p.get("parts", [p])) == 1
         for r in p["rows"]:
-            r = {**{k: p[k] for k in ROW_PROVENANCE}, **r}
+            r = {**{k: p[k] for k in ROW_PROVENANCE}, **r} if fill else r
             rows.pop((r["budget"], r["method"], r["seed"]), None)
             rows[(r["budget"], r["method"], r["seed"])] = r
     keys = ("device", "date", "command")

@@ -148,7 +148,8 @@ def _search_sources(d: dict) -> str:
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     return (
         f"*{devices}; {when}; each row one `python -m benchmarks.search_table --budget B "
-        "--methods M --seeds S` (its device, date and exact command in the JSON) → "
+        "--methods M --seeds S` (the JSON gives each row's device, command and date, "
+        "or where its `provenance_note` says so, its part file's date) → "
         "`benchmarks/results/search_table.json`*"
     )
 
@@ -515,6 +516,20 @@ def bandwidth_bound(d: dict, ceiling: float | None) -> str | None:
         f"alone takes {1e3 * t:.0f} ms (measured: {1e3 * q['wall_s']:.0f} ms), so under "
         f"this accounting these kernels cannot pass about {100 * frac:.0f}% of the "
         f"{ceiling / 1e12:.0f} TFLOP/s bf16 ceiling (perf.json)."
+    ) + _matmul_bound(q, ceiling)
+
+
+def _matmul_bound(q: dict, ceiling: float) -> str:
+    """The FLOP fraction if every kernel but the convolutions and gemms took no time:
+    what the matmul kernels XLA and cuDNN pick allow at best."""
+    us = q.get("us_by_kind", {})
+    mm = us.get("convolution", 0.0) + us.get("gemm", 0.0)
+    if not mm:
+        return ""
+    return (
+        f" Its convolution and gemm kernels alone take {mm / 1e3:.1f} ms: were every "
+        "other kernel free, the program could not pass "
+        f"{100 * q['flops'] / (mm * 1e-6) / ceiling:.1f}% of that ceiling."
     )
 
 
@@ -608,34 +623,37 @@ def _norm_line(progs: dict) -> str | None:
 
 
 def fused_norm_quant_text(d: dict) -> str | None:
-    """The fused GroupNorm + SiLU + quantizer prototype against XLA and the floor,
-    its best knob variant included (`kernel_breakdown_gnq.json`)."""
+    """The fused GroupNorm + SiLU + quantizer prototypes against XLA and the floor:
+    the default kernel and the best of every kernel and setting tried
+    (`kernel_breakdown_gnq.json`)."""
     progs, rows = d["programs"], []
     for res in _resolutions(progs, "gnq_"):
         us = lambda v, res=res: progs.get(f"gnq_{res}_{v}", {}).get("busy_us")
         tried = {
-            k: v["busy_us"]
+            k.removeprefix(f"gnq_{res}_"): v["busy_us"]
             for k, v in progs.items()
-            if k.startswith(f"gnq_{res}_pallas") and "busy_us" in v
+            if k.startswith(f"gnq_{res}_")
+            and not k.endswith(("_xla", "_floor"))
+            and "busy_us" in v
         }
         if not (us("xla") and us("pallas") and us("floor")):
             continue
         best = min(tried, key=tried.get)
-        knobs = best.removeprefix(f"gnq_{res}_pallas").strip("_") or "default"
-        diff = progs[f"gnq_{res}_pallas"].get("mismatch_fraction")
+        diff = progs[f"gnq_{res}_{best}"].get("mismatch_fraction")
         rows.append(
             f"{res}x{res}: {us('xla'):.0f} / {us('pallas'):.0f} (best of "
-            f"{len(tried)} settings: {tried[best]:.0f}, {knobs}) / {us('floor'):.0f}"
-            + ("" if diff is None else f", {diff:.1e} of its values differ")
+            f"{len(tried)} settings: {tried[best]:.0f}, {best}) / {us('floor'):.0f}"
+            + ("" if diff is None else f", {diff:.1e} of the best's values differ")
         )
     if not rows:
         return None
     return (
         "GroupNorm + SiLU + the conv's int8 activation quantizer on the two parts "
-        "alone, kernel µs, XLA's two passes / one fused Pallas-Triton kernel, one "
-        "program per sample (`benchmarks/fused_norm_quant.py`; settings "
-        "b<tile elements>_w<warps>_s<stages>) / one elementwise pass, float32 in, "
-        f"int8 out (the floor): {'; '.join(rows)}.\n\n*{d['device']}, jax "
+        "alone, kernel µs, XLA's two passes / a fused Pallas-Triton kernel, one "
+        "program per sample (`benchmarks/fused_norm_quant.py`; settings: pallas_"
+        "b<tile elements>_w<warps>_s<stages>, or blocks_g<groups>_b.._w..: one "
+        "program per sample and block of groups) / one elementwise pass, float32 "
+        f"in, int8 out (the floor): {'; '.join(rows)}.\n\n*{d['device']}, jax "
         f"{d['jax_version']}, {d['date'][:10]}; `{d['command']}` → "
         "`benchmarks/results/kernel_breakdown_gnq.json`*"
     )

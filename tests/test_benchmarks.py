@@ -149,6 +149,8 @@ def test_bandwidth_bound_is_the_default_programs_bytes_at_the_best_floor():
     d = {
         "programs": {
             "quant_f32": {"bytes_by_kind": {"convolution": 4e9, "elementwise": 2e9},
+                          "us_by_kind": {"convolution": 8000.0, "gemm": 2000.0,
+                                         "elementwise": 5000.0},
                           "flops": 3e12, "wall_s": 0.01},
             "gn_7_floor": {"floor_bytes_per_s": 2e12},
             "gn_28_floor": {"floor_bytes_per_s": 3e12},
@@ -157,6 +159,8 @@ def test_bandwidth_bound_is_the_default_programs_bytes_at_the_best_floor():
     text = bandwidth_bound(d, ceiling=600e12)
     # 6 GB at 3 TB/s: 2 ms; 3 TFLOP in 2 ms is 1500 TFLOP/s, 250% of the ceiling
     assert "6 GB" in text and "takes 2 ms" in text and "about 250%" in text
+    # convolution + gemm 10 ms: 3 TFLOP in 10 ms is 300 TFLOP/s, 50.0% of 600
+    assert "alone take 10.0 ms" in text and "could not pass 50.0%" in text
     assert bandwidth_bound(d, ceiling=None) is None
 
 
@@ -173,7 +177,8 @@ def test_search_table_merge_keeps_each_rows_provenance(tmp_path):
                     bitops=1e11, budget_bitops=1e11, evaluations=810, **prov)  # fmt: skip
 
     old = dict(device="GPU-A", date="2026-11-25T10:00:00", command="cmd old",
-               rows=[row("joint", 0, 3.0), row("joint", 1, 4.0)])  # fmt: skip
+               rows=[row("joint", 0, 3.0), row("joint", 1, 4.0),
+                     row("precision", 0, 3.5)])  # fmt: skip
     new_prov = dict(device="GPU-B", date="2026-11-26T10:00:00", command="cmd row")
     new = dict(device="GPU-B", date="2026-11-26T11:00:00", command="cmd last",
                rows=[row("joint", 1, 5.0, **new_prov)])  # fmt: skip
@@ -189,3 +194,25 @@ def test_search_table_merge_keeps_each_rows_provenance(tmp_path):
     assert "4.00 ± 1.41 (2 seeds)" in text  # 3.0 and 5.0: the rerun row counts
     assert "GPU-A: every row but these; GPU-B: W6A6 joint (seed 1)" in text
     assert "2026-11-25 to 2026-11-26" in text
+    # a merged table's rows without provenance do not all take its last part's
+    merged = dict(old, parts=[dict(old), dict(new)])
+    (tmp_path / "merged.json").write_text(json.dumps(merged))
+    again = json.loads(
+        merge([str(tmp_path / "merged.json")], str(tmp_path)).read_text()
+    )
+    assert all("command" not in r for r in again["rows"])
+
+
+def test_fused_norm_quant_text_names_the_best_setting():
+    from benchmarks.tables import fused_norm_quant_text
+
+    progs = {"gnq_28_xla": {"busy_us": 340.0}, "gnq_28_floor": {"busy_us": 160.0},
+             "gnq_28_pallas": {"busy_us": 380.0, "mismatch_fraction": 3e-7},
+             "gnq_28_blocks_g2_b1024_w4": {"busy_us": 200.0},
+             "gnq_28_pallas_b4096_w16_s3": {"busy_us": 345.0}}  # fmt: skip
+    d = dict(programs=progs, device="GPU", jax_version="0", date="2026-11-26",
+             command="cmd")  # fmt: skip
+    text = fused_norm_quant_text(d)
+    assert (
+        "28x28: 340 / 380 (best of 3 settings: 200, blocks_g2_b1024_w4) / 160" in text
+    )
