@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -18,6 +19,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def provenance() -> dict:
     return _provenance(_command())
+
+
+def load_result(name: str) -> dict | None:
+    """benchmarks/results/<name> as a dict, or None where it was not measured."""
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def _command() -> str:

@@ -234,13 +234,35 @@ def _block_kernel(*refs, blocks, per_group, gpb, rows, hw):
         @pl.when((j >= first) & (j < first + count))
         def _(p=p, first=first, offset=offset):
             c0 = (j - first) * cb
-            coef = _block_stats(xs[p], n, c0, cbp, cb, hot, rows, hw, per_group)
             cmask = jnp.arange(cbp) < cb
             scale = plgpu.load(scales[p].at[pl.ds(c0, cbp)], mask=cmask, other=0.0)
             bias = plgpu.load(biases[p].at[pl.ds(c0, cbp)], mask=cmask, other=0.0)
-            m, rstd = coef
-            coef = (m, rstd * scale, bias, inv_ref[...], clip_ref[...])
+            consts = (scale, bias, inv_ref[...], clip_ref[...])
+            if rows >= hw:  # the block in one tile: read once, kept in registers
+                ref, mask = _block_at(xs[p], n, 0, rows, c0, cbp, cb, hw)
+                x = plgpu.load(ref, mask=mask, other=0.0)
+                sums = (jnp.sum(x, axis=0), jnp.sum(x * x, axis=0))
+                coef = _coef(*_moments(*sums, hot, hw, per_group), *consts)
+                dst = out_ref.at[n, pl.ds(0, rows), pl.ds(offset + c0, cbp)]
+                plgpu.store(dst, _quantized(x, coef), mask=mask)
+                return
+            moments = _block_stats(xs[p], n, c0, cbp, cb, hot, rows, hw, per_group)
+            coef = _coef(*moments, *consts)
             _block_normalize(xs[p], out_ref, n, c0, offset, coef, rows, cbp, cb, hw)
+
+
+def _coef(m, rstd, scale, bias, inv, clip):
+    return m, rstd * scale, bias, inv, clip
+
+
+def _moments(s, q, hot, hw, per_group):
+    """Each channel's group mean and rstd ([cbp] each) from its channel sums of x
+    and x**2 over the sample ([cbp] each); `hot`: channel -> group one-hot."""
+    count = float(hw * per_group)
+    mean = jnp.sum(s[:, None] * hot, axis=0) / count
+    mean2 = jnp.sum(q[:, None] * hot, axis=0) / count
+    rstd = lax.rsqrt(jnp.maximum(0.0, mean2 - mean * mean) + EPS)
+    return jnp.sum(hot * mean[None, :], axis=1), jnp.sum(hot * rstd[None, :], axis=1)
 
 
 def _block_at(ref, n, r0, rows, c0, cbp, cb, hw):
@@ -260,12 +282,7 @@ def _block_stats(x_ref, n, c0, cbp, cb, hot, rows, hw, per_group):
 
     zero = jnp.zeros((rows, cbp), jnp.float32)
     s, q = lax.fori_loop(0, pl.cdiv(hw, rows), body, (zero, zero))
-    count = float(hw * per_group)
-    mean = jnp.sum(jnp.sum(s, axis=0)[:, None] * hot, axis=0) / count
-    mean2 = jnp.sum(jnp.sum(q, axis=0)[:, None] * hot, axis=0) / count
-    rstd = lax.rsqrt(jnp.maximum(0.0, mean2 - mean * mean) + EPS)
-    # back to channels: [cbp]
-    return jnp.sum(hot * mean[None, :], axis=1), jnp.sum(hot * rstd[None, :], axis=1)
+    return _moments(jnp.sum(s, axis=0), jnp.sum(q, axis=0), hot, hw, per_group)
 
 
 def _block_normalize(x_ref, out_ref, n, c0, offset, coef, rows, cbp, cb, hw):
@@ -296,7 +313,9 @@ def fused_blocks(
     num_warps: int = 4,
 ) -> jax.Array:
     """`fused` with one program per (sample, `gpb` groups): each part's channel
-    count must be a multiple of `gpb` groups' channels (so no block straddles)."""
+    count must be a multiple of `gpb` groups' channels (so no block straddles).
+    A `block` (tile elements) that holds a program's whole block of the sample
+    reads it from HBM once and keeps it in registers between the two passes."""
     parts = tuple(p.astype(jnp.float32) for p in as_parts(parts))
     n, h, w = parts[0].shape[:3]
     widths = tuple(p.shape[-1] for p in parts)

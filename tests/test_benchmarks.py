@@ -144,7 +144,7 @@ def test_multi_gpu_summary_skips_compiling_generations():
 
 
 def test_bandwidth_bound_is_the_default_programs_bytes_at_the_best_floor():
-    from benchmarks.tables import bandwidth_bound
+    from benchmarks.tables_perf import bandwidth_bound
 
     d = {
         "programs": {
@@ -204,7 +204,7 @@ def test_search_table_merge_keeps_each_rows_provenance(tmp_path):
 
 
 def test_fused_norm_quant_text_names_the_best_setting():
-    from benchmarks.tables import fused_norm_quant_text
+    from benchmarks.tables_perf import fused_norm_quant_text
 
     progs = {"gnq_28_xla": {"busy_us": 340.0}, "gnq_28_floor": {"busy_us": 160.0},
              "gnq_28_pallas": {"busy_us": 380.0, "mismatch_fraction": 3e-7},

@@ -40,7 +40,7 @@ def _model_path(parts, scale, bias, groups, bound, bits):
 
 @pytest.fixture(scope="module")
 def outputs():
-    """{(case, bits, bound): (model, reference, fused, fused_blocks)} as int32; each
+    """{(case, bits, bound): (model, reference, *kernels)} as int32 numpy; each
     function compiled once per shape (bits and bound are traced)."""
     model = jax.jit(_model_path, static_argnums=3)
     ref = jax.jit(naq.reference, static_argnums=3)
@@ -59,9 +59,11 @@ def outputs():
             fused = naq.fused(*args, interpret=True)
             # a small tile: several row tiles per sample (a ragged last one at 6x6)
             blocks = naq.fused_blocks(*args, gpb=1, block=16, interpret=True)
+            # a large tile: each program's block read once, in one tile
+            whole = naq.fused_blocks(*args, gpb=1, block=4096, interpret=True)
             out[name, bits, bound] = tuple(
                 np.asarray(v, np.int32)
-                for v in (model(*args), ref(*args), fused, blocks)
+                for v in (model(*args), ref(*args), fused, blocks, whole)
             )
     return out
 

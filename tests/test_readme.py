@@ -13,9 +13,9 @@ from benchmarks.tables import (
     README,
     quant_uniform_table,
     render,
-    render_perf,
     render_quant_uniform,
 )
+from benchmarks.tables_perf import render_perf
 
 
 def _block(text: str, begin: str, end: str) -> str:

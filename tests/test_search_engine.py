@@ -172,3 +172,21 @@ def test_outputs(setup, full_run):
         )
     with np.load(wd / "archive.npz") as z:
         assert z["genomes"].shape == (10, setup.space.num_genes)
+
+
+def test_a_chunk_size_cudnn_rejects_is_a_user_error():
+    """On an H100 cuDNN rejects the grouped convs of some vmapped chunk sizes
+    (CUDNN_STATUS_BAD_PARAM at 5): the search says which setting and what to use;
+    any other device error, or one at chunk 1, passes through unchanged."""
+    import types
+
+    from tmpq_jax.search.run import _explained_device_errors
+
+    bad = jax.errors.JaxRuntimeError("INTERNAL: ... CUDNN_STATUS_BAD_PARAM ...")
+    with pytest.raises(UserError, match=r"candidate_chunk=5: .* use 1"):
+        with _explained_device_errors(types.SimpleNamespace(candidate_chunk=5)):
+            raise bad
+    for chunk, err in ((1, bad), (5, jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED"))):
+        with pytest.raises(jax.errors.JaxRuntimeError):
+            with _explained_device_errors(types.SimpleNamespace(candidate_chunk=chunk)):
+                raise err

@@ -9,6 +9,7 @@ holding another search is refused, naming the keys that differ.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -98,6 +99,24 @@ class _Log:
             f.write(json.dumps(row) + "\n")
 
 
+@contextlib.contextmanager
+def _explained_device_errors(cfg):
+    """A device error a setting causes, as a one-line UserError saying what to do.
+    Vmapping several candidates turns each conv into a grouped conv; on an H100
+    cuDNN rejects some group counts (5 at the paper's shapes,
+    benchmarks/results/perf_layouts_p50.json) with CUDNN_STATUS_BAD_PARAM."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "CUDNN_STATUS_BAD_PARAM" in str(e) and cfg.candidate_chunk > 1:
+            raise UserError(
+                f"search.candidate_chunk={cfg.candidate_chunk}: cuDNN rejects the "
+                "grouped convolutions that vmapping this many candidates makes; use "
+                "1 (the default), 2 or 4."
+            ) from e
+        raise
+
+
 def run_generations(
     setup: Setup,
     workdir: str | Path,
@@ -144,15 +163,16 @@ def run_generations(
         )
         while done < end:
             t0 = time.perf_counter()
-            if state is None:
-                # Committed, as a restored state is: the same compiled `next` serves
-                # a fresh run and a resumed one.
-                state = jax.device_put(
-                    first(setup.assets, seed), setup.engine.replicated
-                )
-            else:
-                state = nxt(setup.assets, state)
-            jax.block_until_ready(state)
+            with _explained_device_errors(cfg):
+                if state is None:
+                    # Committed, as a restored state is: the same compiled `next`
+                    # serves a fresh run and a resumed one.
+                    state = jax.device_put(
+                        first(setup.assets, seed), setup.engine.replicated
+                    )
+                else:
+                    state = nxt(setup.assets, state)
+                jax.block_until_ready(state)
             gen = done
             done = int(state.generation)
             evals += cfg.population if gen == 0 else cfg.offspring

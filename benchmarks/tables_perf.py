@@ -1,0 +1,366 @@
+"""The README's performance block: the targets, layouts, paths and sampling tables
+of perf.json, and where the GPU's time goes (kernel_breakdown*.json)."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks.common import load_result as _load
+
+
+def _target(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def perf_table(d: dict) -> str:
+    """The issue's four targets, then layouts, paths, sample chunks and sampling."""
+    parts = [
+        _perf_targets(d),
+        _perf_layouts(d),
+        _perf_paths(d),
+        _perf_sample_chunks(d),
+        _perf_sampling(d),
+    ]
+    chain = d.get("resumed_from") or []
+    chain = chain if isinstance(chain, list) else [chain]
+    src = [f"`{c}`" for c in [*chain, d["command"]]]
+    if d.get("paper_search"):
+        src.append(f"`{d['paper_search']['command']}`")
+    parts.append(
+        f"*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "
+        f"{'; '.join(src)}; `{d.get('vs_torch_eager_source', '')}` → "
+        "`benchmarks/results/perf.json`*"
+    )
+    return "\n\n".join(p for p in parts if p)
+
+
+def _perf_targets(d: dict) -> str:
+    wall, q, torch = (
+        d.get("paper_search_wall_s"),
+        d.get("quant_vs_fp_throughput"),
+        d.get("vs_torch_eager"),
+    )
+    frac, static = (
+        d.get("flops_fraction_of_bf16_ceiling"),
+        d.get("vs_static_aqt_recompile"),
+    )
+    out = [
+        "| target (one H100) | measured | |",
+        "| --- | --- | --- |",
+    ]
+    if wall is not None:
+        out.append(
+            f"| paper-protocol search <= 10 min | {wall / 60:.1f} min | {_target(wall <= 600)} |"
+        )
+    if q is not None:
+        out.append(
+            f"| quantized population evaluation >= 70% of full-precision throughput "
+            f"| {100 * q:.0f}% | {_target(q >= 0.7)} |"
+        )
+    if torch is not None:
+        out.append(
+            f"| >= 5x the PyTorch-eager way per candidate | {torch:.2f}x | "
+            f"{_target(torch >= 5)} |"
+        )
+    if frac is not None:
+        out.append(
+            f"| >= 30% of the measured bf16 matmul ceiling "
+            f"({d['bf16_ceiling_flops_per_s'] / 1e12:.0f} TFLOP/s) "
+            f"| {100 * frac:.1f}% ({d['achieved_flops_per_s'] / 1e12:.0f} TFLOP/s) "
+            f"| {_target(frac >= 0.3)} |"
+        )
+    if static is not None:
+        out.append(
+            f"| (no target) vs bits as constants, recompiled per genome | "
+            f"{static:.0f}x ({d['static_aqt_recompile']['seconds_per_genome']:.1f} s "
+            "a genome) | |"
+        )
+    return "\n".join(out)
+
+
+def _perf_layouts(d: dict) -> str:
+    rows = d.get("layouts") or []
+    if not rows:
+        return ""
+    out = [
+        "| P | chunk | layout | sample-steps/s | peak memory (GiB) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    mem = {m["chunk"]: m.get("peak_bytes") for m in d.get("memory") or []}
+    for r in rows:
+        rate = r.get("sample_steps_per_s")
+        peak = mem.get(r["chunk"])
+        out.append(
+            f"| {r['P']} | {r['chunk']} | {r['layout']} | "
+            f"{f'{rate:,.0f}' if rate else r.get('skipped', '—')} | "
+            f"{f'{peak / 2**30:.1f}' if peak else '—'} |"
+        )
+    return "\n".join(out)
+
+
+def _perf_paths(d: dict) -> str:
+    paths = d.get("paths_sample_steps_per_s") or {}
+    if not paths:
+        return ""
+    names = {
+        "quantize_every_step_f32": "weights quantized at every step (f32 convs)",
+        "frozen_f32": "weights frozen once per genome (f32 convs) — the default",
+        "frozen_bf16": "weights frozen once per genome, bf16 integer convs",
+    }
+    out = [
+        "| one candidate at a time, P = 8 | sample-steps/s |",
+        "| --- | --- |",
+        f"| plain full-precision forward, same images | "
+        f"{d['fp_sample_steps_per_s']:,.0f} |",
+    ]
+    out += [f"| {names.get(k, k)} | {v:,.0f} |" for k, v in paths.items()]
+    return "\n".join(out)
+
+
+def _perf_sample_chunks(d: dict) -> str:
+    rows = d.get("sample_chunks") or []
+    if not isinstance(rows, list) or not rows:
+        return ""
+    out = [
+        "| images drawn together per candidate (`sample_chunk`) | quantized "
+        "sample-steps/s | full precision | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        q, f = r["quant_sample_steps_per_s"], r["fp_sample_steps_per_s"]
+        c = r["sample_chunk"] or "all (0)"
+        out.append(f"| {c} | {q:,.0f} | {f:,.0f} | {q / f:.2f} |")
+    return "\n".join(out)
+
+
+def _perf_sampling(d: dict) -> str:
+    sampling = d.get("sampling") or []
+    if not isinstance(sampling, list) or not sampling:
+        return ""
+    names = {
+        "fp32_ddim100": "full precision, DDIM 100 steps",
+        "fp32_ddim10_quad": "full precision, DDIM 10 quad steps",
+        "searched_fake_quant": "searched genome, fake-quant",
+        "searched_int8_serve_f32": "searched genome, served int8 (f32 convs)",
+        "searched_int8_serve_bf16": "searched genome, served int8 (bf16 convs)",
+        "searched_int8_serve_f32_closed_over": "searched genome, served int8, "
+        "weights closed over as constants",
+    }
+    out = [
+        f"| sampling (batch {sampling[0]['batch']}) | steps | images/s "
+        "| latency, one image |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in sampling:
+        lat = r.get("latency_s")
+        out.append(
+            f"| {names.get(r['mode'], r['mode'])} | {r['steps']} | "
+            f"{r['images_per_s']:,.0f} | "
+            f"{'—' if lat is None else f'{1e3 * lat:.1f} ms'} |"
+        )
+    return "\n".join(out)
+
+
+KERNEL_PROGRAMS = {
+    "quant_f32": "search fitness (the default)",
+    "quant_f32_concat": "search fitness, GroupNorm of the skip concatenation (before)",
+    "quant_int8": "search fitness, int8 integer convs asked for explicitly",
+    "quant_bf16": "search fitness, bf16 integer convs",
+    "quant_bf16_model": "search fitness, bf16 convs and bf16 activations",
+    "fp": "plain full-precision sampling",
+    "fp_concat": "plain full-precision sampling, GroupNorm of the concatenation (before)",
+}
+
+
+def bandwidth_bound(d: dict, ceiling: float | None) -> str | None:
+    """The default program's nominal bytes at the best bandwidth one elementwise
+    pass reached in the same run: the time no faster kernel of XLA's fusion can beat,
+    and the FLOP fraction that caps."""
+    progs = d["programs"]
+    q = progs.get("quant_f32", {})
+    floors = [
+        r["floor_bytes_per_s"]
+        for k, r in progs.items()
+        if k.endswith("_floor") and "floor_bytes_per_s" in r  # not a failed run
+    ]
+    if "bytes_by_kind" not in q or not floors or not ceiling:
+        return None
+    total = sum(q["bytes_by_kind"].values())
+    t = total / max(floors)
+    frac = q["flops"] / t / ceiling
+    return (
+        f"The default's kernels move {total / 1e9:.0f} GB a candidate (nominal); at "
+        f"the {max(floors) / 1e12:.2f} TB/s one elementwise pass reached here, that "
+        f"alone takes {1e3 * t:.0f} ms (measured: {1e3 * q['wall_s']:.0f} ms), so under "
+        f"this accounting these kernels cannot pass about {100 * frac:.0f}% of the "
+        f"{ceiling / 1e12:.0f} TFLOP/s bf16 ceiling (perf.json)."
+    ) + _matmul_bound(q, ceiling)
+
+
+def _matmul_bound(q: dict, ceiling: float) -> str:
+    """The FLOP fraction if every kernel but the convolutions and gemms took no time:
+    what the matmul kernels XLA and cuDNN pick allow at best."""
+    us = q.get("us_by_kind", {})
+    mm = us.get("convolution", 0.0) + us.get("gemm", 0.0)
+    if not mm:
+        return ""
+    return (
+        f" Its convolution and gemm kernels alone take {mm / 1e3:.1f} ms: were every "
+        "other kernel free, the program could not pass "
+        f"{100 * q['flops'] / (mm * 1e-6) / ceiling:.1f}% of that ceiling."
+    )
+
+
+def _kernel_rows(d: dict) -> list[str]:
+    """The table: each program's wall time, FID and kernel time by kind."""
+    kinds = ("convolution", "reduction", "concatenate", "elementwise", "gemm")
+    steps = f" x {d['steps']} steps" if d.get("steps") else ""
+    out = [
+        f"| one candidate, {d['samples']} samples{steps} | ms | FID | "
+        + " | ".join(kinds)
+        + " | other |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in kinds) + " | --- |",
+    ]
+    for key, name in KERNEL_PROGRAMS.items():
+        r = d["programs"].get(key)
+        if not r or "error" in r:
+            continue
+        frac = r["fraction_by_kind"]
+        other = frac["other"] + frac["layout"]
+        cells = [f"{100 * frac[k]:.0f}%" if k in frac else "—" for k in kinds]
+        fid = f"{r['value']:.4f}" if "value" in r else "—"
+        out.append(
+            f"| {name} | {1e3 * r['wall_s']:.0f} | {fid} | "
+            + " | ".join(cells)
+            + f" | {100 * other:.0f}% |"
+        )
+    return out
+
+
+def _bandwidth_line(progs: dict) -> str | None:
+    q = progs.get("quant_f32", {})
+    if not (bw := q.get("bytes_per_s_by_kind")):
+        return None
+    big = [k for k in bw if q["fraction_by_kind"][k] > 0.05]  # not SVD, copies
+    return (
+        "Bandwidth of the default's kernels by kind (nominal bytes: each "
+        "operand and result once, over kernel time), GB/s: "
+        + ", ".join(f"{k} {bw[k] / 1e9:,.0f}" for k in big)
+        + "."
+    )
+
+
+def _conv_line(progs: dict) -> str | None:
+    rate = lambda key: progs.get(key, {}).get("conv_kernel_flops_per_s")
+    convs = []
+    for key in progs:
+        m = re.fullmatch(r"conv_(\d+)_f32", key)
+        if not m or not rate(key):
+            continue
+        res = m.group(1)
+        other = [
+            f"{dt} {rate(f'conv_{res}_{dt}') / 1e12:.0f}"
+            for dt in ("bf16", "int8")
+            if rate(f"conv_{res}_{dt}")
+        ]
+        convs.append(
+            f"{res}x{res}: {rate(key) / 1e12:.0f}"
+            + (f" ({', '.join(other)})" if other else "")
+        )
+    if not convs:
+        return None
+    return (
+        "One 3x3 convolution of the UNet alone (each resolution's channel count "
+        "in and out), its kernel's TFLOP/s, f32 (other operand types, f32 out): "
+        f"{'; '.join(convs)}."
+    )
+
+
+def _resolutions(progs: dict, prefix: str) -> list[int]:
+    """The resolutions of the `<prefix><res>_...` programs, ascending."""
+    return sorted({int(k.split("_")[1]) for k in progs if k.startswith(prefix)})
+
+
+def _norm_line(progs: dict) -> str | None:
+    norms = []
+    for res in _resolutions(progs, "gn_"):
+        row = [
+            progs.get(f"gn_{res}_{v}", {}).get("busy_us")
+            for v in ("flax", "parts", "floor")
+        ]
+        if all(row):
+            norms.append(f"{res}x{res}: " + " / ".join(f"{v:.0f}" for v in row))
+    if not norms:
+        return None
+    return (
+        "GroupNorm + SiLU of one skip concatenation (two parts of the level's "
+        "width) alone, kernel µs, flax's on the concatenation / ours on the parts "
+        "/ one elementwise pass (the floor of a fused kernel): "
+        f"{'; '.join(norms)}."
+    )
+
+
+def fused_norm_quant_text(d: dict) -> str | None:
+    """The fused GroupNorm + SiLU + quantizer prototypes against XLA and the floor:
+    the default kernel and the best of every kernel and setting tried
+    (`kernel_breakdown_gnq.json`)."""
+    progs, rows = d["programs"], []
+    for res in _resolutions(progs, "gnq_"):
+        us = lambda v, res=res: progs.get(f"gnq_{res}_{v}", {}).get("busy_us")
+        tried = {
+            k.removeprefix(f"gnq_{res}_"): v["busy_us"]
+            for k, v in progs.items()
+            if k.startswith(f"gnq_{res}_")
+            and not k.endswith(("_xla", "_floor"))
+            and "busy_us" in v
+        }
+        if not (us("xla") and us("pallas") and us("floor")):
+            continue
+        best = min(tried, key=tried.get)
+        diff = progs[f"gnq_{res}_{best}"].get("mismatch_fraction")
+        rows.append(
+            f"{res}x{res}: {us('xla'):.0f} / {us('pallas'):.0f} (best of "
+            f"{len(tried)} settings: {tried[best]:.0f}, {best}) / {us('floor'):.0f}"
+            + ("" if diff is None else f", {diff:.1e} of the best's values differ")
+        )
+    if not rows:
+        return None
+    return (
+        "GroupNorm + SiLU + the conv's int8 activation quantizer on the two parts "
+        "alone, kernel µs, XLA's two passes / a fused Pallas-Triton kernel, one "
+        "program per sample (`benchmarks/fused_norm_quant.py`; settings: pallas_"
+        "b<tile elements>_w<warps>_s<stages>, or blocks_g<groups>_b.._w..: one "
+        "program per sample and block of groups) / one elementwise pass, float32 "
+        f"in, int8 out (the floor): {'; '.join(rows)}.\n\n*{d['device']}, jax "
+        f"{d['jax_version']}, {d['date'][:10]}; `{d['command']}` → "
+        "`benchmarks/results/kernel_breakdown_gnq.json`*"
+    )
+
+
+def kernel_table(d: dict, ceiling: float | None = None) -> str:
+    """GPU kernel time by kind per program, then what the single-op programs and
+    the byte counts say."""
+    progs = d["programs"]
+    lines = [_bandwidth_line(progs), _conv_line(progs), _norm_line(progs)]
+    lines.append(bandwidth_bound(d, ceiling))
+    out = _kernel_rows(d) + ["\n" + line for line in lines if line]
+    out.append(
+        f"\n*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "
+        f"`{d['command']}` → `benchmarks/results/kernel_breakdown.json`*"
+    )
+    return "\n".join(out)
+
+
+def render_perf() -> str:
+    if d := _load("perf.json"):
+        text = perf_table(d)
+        if k := _load("kernel_breakdown.json"):
+            text += "\n\nWhere the GPU's time goes (`python -m benchmarks.kernel_breakdown`: "
+            text += "kernel time by kind, from a profiler trace):\n\n"
+            text += kernel_table(k, d.get("bf16_ceiling_flops_per_s"))
+        if (g := _load("kernel_breakdown_gnq.json")) and (
+            line := fused_norm_quant_text(g)
+        ):
+            text += "\n\n" + line
+        return text
+    return "Not yet measured: `python -m benchmarks.perf` writes `benchmarks/results/perf.json`."
