@@ -77,12 +77,12 @@ def round_half_even(v: jax.Array) -> jax.Array:
     return jnp.where((d > 0.5) | ((d == 0.5) & odd), t + 1.0, t)
 
 
-def _blocks(ref, n, r0, rows, cp, width, hw):
-    """(indexed ref, mask) of a [rows, cp] block at row r0 of sample n: rows below
-    hw and channels below width (cp is width rounded up to a power of 2)."""
+def _block_at(ref, n, r0, rows, c0, cbp, cb, hw):
+    """(indexed ref, mask) of a [rows, cbp] tile at row r0, channel c0 of sample n:
+    rows below hw and channels below c0 + cb (cbp is cb rounded up to 2**k)."""
     r = r0 + jnp.arange(rows)
-    mask = (r < hw)[:, None] & (jnp.arange(cp) < width)[None, :]
-    return ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)], mask
+    mask = (r < hw)[:, None] & (jnp.arange(cbp) < cb)[None, :]
+    return ref.at[n, pl.ds(r0, rows), pl.ds(c0, cbp)], mask
 
 
 def _channel_sums(xs, n, layout, rows, hw):
@@ -92,7 +92,7 @@ def _channel_sums(xs, n, layout, rows, hw):
     def body(i, acc):
         out = []
         for x_ref, (w, cp, _), (s, q) in zip(xs, layout, acc, strict=True):
-            ref, mask = _blocks(x_ref, n, i * rows, rows, cp, w, hw)
+            ref, mask = _block_at(x_ref, n, i * rows, rows, 0, cp, w, hw)
             x = plgpu.load(ref, mask=mask, other=0.0, eviction_policy="evict_last")
             out.append((s + x, q + x * x))
         return tuple(out)
@@ -156,7 +156,7 @@ def _normalize(x_ref, out_ref, n, coef, rows, part, hw):
 
     @pl.loop(0, pl.cdiv(hw, rows))
     def _(i):
-        ref, mask = _blocks(x_ref, n, i * rows, rows, cp, width, hw)
+        ref, mask = _block_at(x_ref, n, i * rows, rows, 0, cp, width, hw)
         x = plgpu.load(ref, mask=mask, other=0.0, eviction_policy="evict_first")
         dst = out_ref.at[n, pl.ds(i * rows, rows), pl.ds(offset, cp)]
         plgpu.store(dst, _quantized(x, coef), mask=mask)
@@ -184,33 +184,48 @@ def fused(
     of a [rows, channels] tile (rows a power of 2, all parts' channels together);
     `num_warps`, `num_stages`: Triton's (stages > 1 pipelines the row loops' loads)."""
     parts = tuple(p.astype(jnp.float32) for p in as_parts(parts))
-    n, h, w = parts[0].shape[:3]
     widths = tuple(p.shape[-1] for p in parts)
     if sum(widths) % num_groups:
         raise ValueError(f"{sum(widths)} channels not divisible by {num_groups}")
-    hw = h * w
+    hw = math.prod(parts[0].shape[1:3])
     starts = (0, *itertools.accumulate(widths))
     layout = tuple(
         (c, pl.next_power_of_2(c), o) for c, o in zip(widths, starts, strict=False)
     )
-    cp_all = sum(cp for _, cp, _ in layout)
-    rows = min(pl.next_power_of_2(hw), 1 << int(math.log2(max(1, block // cp_all))))
-    scales = tuple(jnp.split(scale.astype(jnp.float32), starts[1:-1]))
-    biases = tuple(jnp.split(bias.astype(jnp.float32), starts[1:-1]))
-    inv, clip = quant_params(bound, bits)
+    rows = _tile_rows(hw, block, sum(cp for _, cp, _ in layout))
     kernel = functools.partial(
         _kernel, layout=layout, groups=num_groups, rows=rows, hw=hw
     )
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    grid = (parts[0].shape[0],)
+    return _call(kernel, grid, params, interpret, parts, scale, bias, bound, bits)
+
+
+def _tile_rows(hw: int, block: int, channels: int) -> int:
+    """Rows of a [rows, channels] tile of about `block` elements: a power of 2, no
+    more than the sample's rows rounded up to one."""
+    return min(pl.next_power_of_2(hw), 1 << int(math.log2(max(1, block // channels))))
+
+
+def _call(kernel, grid, params, interpret, parts, scale, bias, bound, bits):
+    """The pallas_call both kernels share: parts as [N, H*W, C_i] with their slices
+    of scale and bias, the quantizer's (1/scale, clip); int8 [N, H, W, C] out."""
+    n, h, w = parts[0].shape[:3]
+    widths = tuple(p.shape[-1] for p in parts)
+    cuts = tuple(itertools.accumulate(widths))[:-1]
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((n, hw, sum(widths)), jnp.int8),
-        grid=(n,),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=num_warps, num_stages=num_stages
-        ),
+        out_shape=jax.ShapeDtypeStruct((n, h * w, sum(widths)), jnp.int8),
+        grid=grid,
+        compiler_params=params,
         interpret=interpret,
-        name="gn_silu_quant",
-    )(*(p.reshape(n, hw, -1) for p in parts), *scales, *biases, inv, clip)
+        name=f"gn_silu_quant{kernel.func.__name__}",
+    )(
+        *(p.reshape(n, h * w, -1) for p in parts),
+        *jnp.split(scale.astype(jnp.float32), cuts),
+        *jnp.split(bias.astype(jnp.float32), cuts),
+        *quant_params(bound, bits),
+    )
     return out.reshape(n, h, w, sum(widths))
 
 
@@ -265,12 +280,6 @@ def _moments(s, q, hot, hw, per_group):
     return jnp.sum(hot * mean[None, :], axis=1), jnp.sum(hot * rstd[None, :], axis=1)
 
 
-def _block_at(ref, n, r0, rows, c0, cbp, cb, hw):
-    r = r0 + jnp.arange(rows)
-    mask = (r < hw)[:, None] & (jnp.arange(cbp) < cb)[None, :]
-    return ref.at[n, pl.ds(r0, rows), pl.ds(c0, cbp)], mask
-
-
 def _block_stats(x_ref, n, c0, cbp, cb, hot, rows, hw, per_group):
     """Each channel's group mean and rstd ([cbp] each) over the sample's rows."""
 
@@ -317,9 +326,8 @@ def fused_blocks(
     A `block` (tile elements) that holds a program's whole block of the sample
     reads it from HBM once and keeps it in registers between the two passes."""
     parts = tuple(p.astype(jnp.float32) for p in as_parts(parts))
-    n, h, w = parts[0].shape[:3]
     widths = tuple(p.shape[-1] for p in parts)
-    per_group, hw = sum(widths) // num_groups, h * w
+    per_group, hw = sum(widths) // num_groups, math.prod(parts[0].shape[1:3])
     cb = gpb * per_group
     if sum(widths) % num_groups or any(c % cb for c in widths):
         raise ValueError(f"parts {widths}: not whole blocks of {gpb} groups")
@@ -328,24 +336,10 @@ def fused_blocks(
     blocks = tuple(
         (f, c // cb, o) for f, c, o in zip(firsts, widths, starts, strict=False)
     )
-    rows = min(pl.next_power_of_2(hw), max(1, block // pl.next_power_of_2(cb)))
-    rows = 1 << int(math.log2(rows))
-    inv, clip = quant_params(bound, bits)
+    rows = _tile_rows(hw, block, pl.next_power_of_2(cb))
     kernel = functools.partial(
         _block_kernel, blocks=blocks, per_group=per_group, gpb=gpb, rows=rows, hw=hw
     )
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((n, hw, sum(widths)), jnp.int8),
-        grid=(n, firsts[-1]),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name="gn_silu_quant_blocks",
-    )(
-        *(p.reshape(n, hw, -1) for p in parts),
-        *jnp.split(scale.astype(jnp.float32), starts[1:-1]),
-        *jnp.split(bias.astype(jnp.float32), starts[1:-1]),
-        inv,
-        clip,
-    )
-    return out.reshape(n, h, w, sum(widths))
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+    grid = (parts[0].shape[0], firsts[-1])
+    return _call(kernel, grid, params, interpret, parts, scale, bias, bound, bits)

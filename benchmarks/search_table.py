@@ -154,11 +154,14 @@ def merge(paths: list[str], out_dir: str | None) -> Path:
             r = {**{k: p[k] for k in ROW_PROVENANCE}, **r} if fill else r
             rows.pop((r["budget"], r["method"], r["seed"]), None)
             rows[(r["budget"], r["method"], r["seed"])] = r
-    keys = ("device", "date", "command")
     payload = {
         **parts[-1],
         "rows": list(rows.values()),
-        "parts": [{k: q[k] for k in keys} for p in parts for q in p.get("parts", [p])],
+        "parts": [
+            {k: q[k] for k in ROW_PROVENANCE}
+            for p in parts
+            for q in p.get("parts", [p])
+        ],
     }
     return write_json("search_table.json", payload, out_dir or RESULTS)
 
