@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from tmpq_jax.errors import UserError
+from tmpq_jax.files import default_mode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS_DIR = Path(os.environ.get("TMPQ_CHECKPOINTS", REPO_ROOT / "checkpoints"))
@@ -55,6 +57,7 @@ def save_tree_and_json(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        tmp.chmod(default_mode(directory=True))  # mkdtemp makes it 0o700
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / tree_dir, tree)
         ckptr.wait_until_finished()
@@ -94,16 +97,36 @@ def read_card(path: str | os.PathLike) -> dict:
         ) from None
 
 
+_SHAPES = re.compile(
+    r"Requested shape: (\(.*?\)) is not compatible with the stored shape: (\(.*?\))"
+)
+_TREE_KEY = re.compile(r"tree structures do not match:\s*\n\s*(\S+?):?\s*\n")
+
+
+def restore_failure(e: BaseException) -> str:
+    """Why a restore failed, in plain words: orbax and TensorStore raise many types
+    for missing, corrupt or mismatched data, with their internals in the text."""
+    text = str(e)
+    if isinstance(e, FileNotFoundError):
+        return "nothing to restore there"
+    if m := _SHAPES.search(text):
+        return f"an array is stored with shape {m[2]}, not the expected {m[1]}"
+    if "tree structures do not match" in text:
+        m = _TREE_KEY.search(text)
+        key = f" ({m[1]!r} differs)" if m else ""
+        return f"it holds other arrays than expected{key}"
+    return "its files are unreadable (truncated or corrupt)"
+
+
 def restore_tree(directory: str | os.PathLike, like: Any, what: str, advice: str):
     """Restores an orbax tree shaped like `like`; any failure becomes one line:
-    `{what} ({error}); {advice}` (orbax raises many types for missing/corrupt data)."""
+    `{what}: {why}; {advice}` (`restore_failure`: never the library internals)."""
     try:
         return ocp.StandardCheckpointer().restore(
             Path(directory).resolve(), abstract(like)
         )
     except Exception as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else ""
-        raise UserError(f"{what} ({type(e).__name__}: {msg}); {advice}") from None
+        raise UserError(f"{what}: {restore_failure(e)}; {advice}") from None
 
 
 def load_params(path: str | os.PathLike, like: Any) -> Any:
@@ -112,7 +135,7 @@ def load_params(path: str | os.PathLike, like: Any) -> Any:
         Path(path) / "params",
         like,
         f"{path}: cannot restore params",
-        "the checkpoint is corrupt or from another model config.",
+        "export the model again, or load another.",
     )
 
 
@@ -149,8 +172,9 @@ class TrainCheckpoints:
             )
         except Exception as e:
             raise UserError(
-                f"{self.directory}/{step}: cannot restore ({type(e).__name__}); the checkpoint is "
-                "corrupt or from another config: delete it or use another --workdir."
+                f"{self.directory}/{step}: cannot restore the checkpoint: "
+                f"{restore_failure(e)}; delete that step to resume from the one before "
+                f"(or {self.directory} to start afresh)."
             ) from None
         return r.state, r.meta
 
@@ -161,7 +185,9 @@ class TrainCheckpoints:
             ).meta
         except Exception as e:
             raise UserError(
-                f"{self.directory}/{step}: unreadable metadata ({type(e).__name__})."
+                f"{self.directory}/{step}: cannot read the checkpoint's metadata: "
+                f"{restore_failure(e)}; delete that step to resume from the one before "
+                f"(or {self.directory} to start afresh)."
             ) from None
 
     def close(self) -> None:

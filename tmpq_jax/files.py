@@ -1,7 +1,9 @@
 """Atomic file writes: a crash never leaves a half-written output behind.
 
 In a multi-process JAX run every process computes the same outputs and only
-process 0 writes them (one writer per file on a shared filesystem).
+process 0 writes them (one writer per file on a shared filesystem). Files get the
+usual permissions (0o666 less the umask, what `open` gives), not the temp file's
+owner-only 0o600.
 """
 
 from __future__ import annotations
@@ -13,6 +15,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it
+    (/proc/self/status; a file created meanwhile by another thread is then never
+    made under a wrong umask), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """What `open` (0o666) or `mkdir` (0o777) would give under the umask."""
+    return (0o777 if directory else 0o666) & ~umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -28,6 +51,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())  # mkstemp makes it 0o600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
