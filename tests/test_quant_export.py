@@ -173,10 +173,10 @@ def test_kernels_are_int8_in_range_and_dequantize_to_the_fake_quant_weights(setu
         if layer.kernel_shape is None:
             continue
         n_kernels += 1
-        node, snode, fnode = params, scales, s["params"]
-        for p in layer.path:
-            node, snode, fnode = node[p], snode[p], fnode[p]
-        q, scale = node["kernel"], snode["scale"]
+        node, fnode = params, s["params"]
+        for p in layer.param_path:
+            node, fnode = node[p], fnode[p]
+        q, scale = node, scales[f"{i:04d}"]["scale"]
         assert q.dtype == jnp.int8 and q.shape == layer.kernel_shape, layer.name
         assert scale.dtype == jnp.float32 and scale.shape == (layer.kernel_shape[-1],)
         bound = 2 ** (int(w_bits[i]) - 1) - 1
@@ -187,7 +187,7 @@ def test_kernels_are_int8_in_range_and_dequantize_to_the_fake_quant_weights(setu
         # q * scale is the fake-quant weight of the TRAIN path, to the bit.
         k = CANDIDATES.index(int(w_bits[i]))
         spec = qn.WeightQuant(int(w_bits[i]), s["qparams"].w_clip[i][k])
-        fq, _ = qn.fake_quant_weight(fnode["kernel"], spec)
+        fq, _ = qn.fake_quant_weight(fnode, spec)
         np.testing.assert_array_equal(np.asarray(q, np.float32) * np.asarray(scale), fq)
     assert n_kernels == sum(layer.kind != "matmul" for layer in reg)
     # No float kernel is left anywhere: every 'kernel' leaf is int8.
@@ -205,8 +205,9 @@ def test_save_load_round_trip(setup, tmp_path):
     abstract = jax.eval_shape(lambda: s["params"])
     qm, meta = load_quantized(path, s["reg"], abstract)
     assert meta["genome"] == {"x": 1} and meta["bias_corrected"]
-    assert qm.variables["aqt"]["conv_in"]["bias_corr"].shape == (
-        s["reg"][s["reg"].index("conv_in")].kernel_shape[-1],
+    i = s["reg"].index("conv_in")
+    assert qm.variables["aqt"][f"{i:04d}"]["bias_corr"].shape == (
+        s["reg"][i].kernel_shape[-1],
     )
     np.testing.assert_array_equal(s["serve"](qm), s["serve"](s["qmodel"]))
     with pytest.raises(UserError, match="int8 export"):
@@ -216,7 +217,7 @@ def test_save_load_round_trip(setup, tmp_path):
 def test_serve_refuses_float_params_and_convert_refuses_bad_bits(setup):
     s = setup
     bad = s["qmodel"].replace(variables={"params": s["params"], "aqt": {}})
-    with pytest.raises(UserError, match="frozen int8 kernel"):
+    with pytest.raises(UserError, match="frozen int8 weight"):
         jax.eval_shape(
             lambda: serve_apply(
                 s["model"],

@@ -1,6 +1,7 @@
 """Quantization supernet (TMPQ-DM, arXiv 2404.09532): per-layer traced bit-widths
-applied to any Flax linen model through AQT, the layer registry and the cost model."""
+applied to any Flax model (Linen or NNX) through AQT, the layer registry and the cost model."""
 
+from tmpq_jax.quant import intercept
 from tmpq_jax.quant.bias_correction import bias_corrections
 from tmpq_jax.quant.calibration import calibrate, calibration_set
 from tmpq_jax.quant.calibration_io import load_calibration, save_calibration
@@ -12,12 +13,12 @@ from tmpq_jax.quant.cost import (
     uniform_bitops,
     within_budget,
 )
+from tmpq_jax.quant.coverage import check_coverage, format_registry, print_registry
 from tmpq_jax.quant.registry import (
+    FloatOp,
     LayerInfo,
     LayerRegistry,
     build_registry,
-    format_registry,
-    print_registry,
     unet_registry,
 )
 from tmpq_jax.quant.solver import solve
@@ -27,12 +28,13 @@ from tmpq_jax.quant.supernet import (
     QuantBits,
     check_bits,
     check_candidates,
-    make_interceptor,
+    make_handler,
     quantized_apply,
 )
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "FloatOp",
     "LayerInfo",
     "LayerRegistry",
     "QParams",
@@ -44,10 +46,12 @@ __all__ = [
     "calibration_set",
     "check_bits",
     "check_candidates",
+    "check_coverage",
     "format_registry",
+    "intercept",
     "layer_bitops",
     "load_calibration",
-    "make_interceptor",
+    "make_handler",
     "model_size_bits",
     "print_registry",
     "quantized_apply",

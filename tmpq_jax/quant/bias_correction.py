@@ -35,43 +35,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from tqdm.auto import tqdm
 
-from tmpq_jax.quant import numerics
+from tmpq_jax.quant import intercept, numerics, ops
 from tmpq_jax.quant.calibration import _batch_size
-from tmpq_jax.quant.registry import LayerRegistry, layer_kind
-from tmpq_jax.quant.supernet import (
-    QParams,
-    QuantBits,
-    _is_rerun,
-    _operand_specs,
-    call_with_op,
-)
+from tmpq_jax.quant.registry import LayerRegistry
+from tmpq_jax.quant.supernet import QParams, QuantBits, operand_specs
 
 
-def _recording_op(float_op, quant_op, record):
-    """A conv/dot_general replacement returning `float_op`'s output and recording
-    the mean of `quant_op`'s minus it per output feature (the last axis)."""
-
-    def fn(*args, **kwargs):
-        out = float_op(*args, **kwargs)
-        diff = (quant_op(*args, **kwargs) - out).astype(jnp.float32)
-        record(jnp.mean(diff.reshape(-1, diff.shape[-1]), axis=0))
-        return out
-
-    return fn
-
-
-def _float_op(module: nn.Module, name: str):
-    """The op the module itself would run (as nn.Conv / nn.Dense pick it)."""
-    cls = getattr(module, f"{name}_cls", None)
-    if cls is not None:
-        return cls()
-    return getattr(module, name, None) or getattr(lax, name)
-
-
-def _error_fn(model: nn.Module, registry: LayerRegistry, qparams: QParams):
+def _error_fn(model, registry: LayerRegistry, qparams: QParams):
     """Jitted (variables, x, t, w_bits[L], a_bits[L]) -> {layer: f32[C_out]}: the
     mean quantized-minus-float output of every conv/dense on its float input."""
     uncorrected = qparams.replace(bias_corr=None)
@@ -80,32 +52,25 @@ def _error_fn(model: nn.Module, registry: LayerRegistry, qparams: QParams):
         bits = QuantBits(w_bits, a_bits)
         errors: dict[int, list[jax.Array]] = {}
 
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            kind = layer_kind(module)
-            if (
-                kind in (None, "matmul")
-                or context.method_name != "__call__"
-                or _is_rerun(module)
-            ):
-                return next_fun(*args, **kwargs)
-            i = registry.index_of_path(module.path)
-            left, right = _operand_specs(i, registry, bits, uncorrected)
-            if kind == "conv":
-                name, quant = "conv_general_dilated", numerics.conv_general_dilated
+        def record(call):
+            out = call.original()  # the next layer sees float inputs
+            i = registry.index_of_site(call.site)
+            if i is None or registry[i].kind == "matmul":
+                return out
+            layer = registry[i]
+            left, right = operand_specs(i, registry, bits, uncorrected)
+            if call.prim == "conv":
+                quant = numerics.conv_general_dilated(left, right)
             else:
-                name, quant = "dot_general", numerics.dot_general
-            # One call runs both ops on the same operands (a second module in the
-            # scope could not claim the params again); its output is the float
-            # one, so the next layer sees float inputs.
-            op = _recording_op(
-                _float_op(module, name),
-                quant(left, right),
-                errors.setdefault(i, []).append,
+                quant = numerics.dot_general(left, right)
+            diff = ops.run_canonical(layer, call, quant) - ops.run_canonical(
+                layer, call, ops.float_op(call)
             )
-            return call_with_op(module, kind, op, args, kwargs)
+            diff = diff.astype(jnp.float32).reshape(-1, layer.channels)
+            errors.setdefault(i, []).append(jnp.mean(diff, axis=0))
+            return out
 
-        with nn.intercept_methods(interceptor):
+        with intercept.intercept(record):
             model.apply(variables, x, t)
         return {i: jnp.mean(jnp.stack(v), axis=0) for i, v in errors.items()}
 
@@ -131,7 +96,7 @@ def bias_corrections(
     widths = qparams.bit_widths
     k = len(widths)
     sums = {
-        i: np.zeros((k, k, layer.kernel_shape[-1]), np.float64)
+        i: np.zeros((k, k, layer.channels), np.float64)
         for i, layer in enumerate(registry)
         if layer.kernel_shape
     }

@@ -7,9 +7,9 @@ min-MSE part of that precision solver (no AdaRound / reconstruction):
 * `calibration_set`: data-free, as in Q-Diffusion: the full-precision model's own
   DDIM (eta=0) trajectories from `num_samples` noises of a fixed key over a uniform
   schedule of `num_timesteps` steps; every (x_t, t) visited is kept.
-* `collect_activation_stats`: one `nn.intercept_methods` pass of the float model
+* `collect_activation_stats`: one intercepted pass of the float model
   over the calibration set, in batches, keeping per operand (the input of a
-  conv/dense; both operands of a MatMul) the exact |x| max and a random subsample
+  conv/dense; both operands of a matmul) the exact |x| max and a random subsample
   of at most `max_values` values (memory stays bounded).
 * `search_weight_clip`: per output channel, the clip ratio (grid 1.0..0.5) that
   minimises the kernel's fake-quant MSE, for every width, with the very quantizer
@@ -17,7 +17,7 @@ min-MSE part of that precision solver (no AdaRound / reconstruction):
   widths and channels.
 * `search_act_bound`: per tensor, the |x| bound (grid of fractions 1.0..0.3 of the
   absmax) minimising the activation fake-quant MSE on the subsample, for every
-  width (`numerics.fake_quant_activation`). The pinned softmax operand of `av` is
+  width (`numerics.fake_quant_activation`). A pinned softmax operand is
   calibrated like the rest; the supernet only ever reads its 8-bit column.
 * `calibrate`: all of it for a `LoadedModel`; `save_calibration` /
   `load_calibration`: one directory (orbax arrays + `calibration.json`), written
@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 from tmpq_jax.diffusion.samplers import ddim_step
 from tmpq_jax.diffusion.schedules import NoiseSchedule, uniform_timesteps
 from tmpq_jax.errors import UserError
-from tmpq_jax.quant import numerics
-from tmpq_jax.quant.registry import LayerRegistry, layer_call_interceptor
+from tmpq_jax.quant import intercept, numerics, ops
+from tmpq_jax.quant.registry import LayerRegistry
 from tmpq_jax.quant.supernet import DEFAULT_CANDIDATES, QParams, check_candidates
 
 # Grids, largest first: on a tie argmin keeps the unclipped range.
@@ -94,24 +94,22 @@ def calibration_set(
 # Activation statistics.
 
 
-def _operands(kind: str, args) -> tuple:
-    return tuple(args[:2]) if kind == "matmul" else tuple(args[:1])
-
-
-def _stats_fn(model: nn.Module, registry: LayerRegistry, per_batch: int):
+def _stats_fn(model, registry: LayerRegistry, per_batch: int):
     """Jitted (variables, x, t, key) -> {(layer, operand): (absmax, values[per_batch])}."""
 
     def fn(variables, x, t, key):
         seen: dict[tuple[int, int], list[jax.Array]] = {}
 
-        def collect(module, kind, path, args, kwargs, next_fun):
-            i = registry.index_of_path(path)
-            for j, a in enumerate(_operands(kind, args)):
-                seen.setdefault((i, j), []).append(jnp.ravel(a).astype(jnp.float32))
-            return next_fun(*args, **kwargs)
+        def collect(call):
+            i = registry.index_of_site(call.site)
+            if i is not None:
+                left, right = ops.operands(registry[i], call)
+                both = registry[i].kind == "matmul"
+                for j, a in enumerate((left, right) if both else (left,)):
+                    seen.setdefault((i, j), []).append(jnp.ravel(a).astype(jnp.float32))
+            return call.original()
 
-        interceptor = layer_call_interceptor(collect)
-        with nn.intercept_methods(interceptor):
+        with intercept.intercept(collect):
             model.apply(variables, x, t)
         # One random draw for all operands (one RNG op compiles much faster than
         # one per operand); float32 u * n reaches every index below n ~ 2**24.
@@ -125,6 +123,28 @@ def _stats_fn(model: nn.Module, registry: LayerRegistry, per_batch: int):
         return out
 
     return jax.jit(fn)
+
+
+def layer_weights(model, variables: Any, registry: LayerRegistry, *args) -> dict:
+    """{layer: f32[rows, C]}: every conv/dense weight as the op sees it (contracted
+    axes first, output channels last), from one forward on `args`."""
+
+    @jax.jit
+    def fn(v, *a):
+        got: dict = {}
+
+        def grab(call):
+            i = registry.index_of_site(call.site)
+            if i is not None and registry[i].kind != "matmul":
+                c = ops.canonical(registry[i], call)
+                got[i] = ops.weight_2d(c.right, c.right_contracting)
+            return call.original()
+
+        with intercept.intercept(grab):
+            model.apply(v, *a)
+        return got
+
+    return jax.device_get(fn(variables, *args))
 
 
 def _batch_size(n: int, batch_size: int) -> int:
@@ -252,13 +272,6 @@ def search_weight_clip(
 # The whole solver.
 
 
-def _kernel(params: Any, path: Sequence[str]) -> jax.Array:
-    node = params
-    for p in path:
-        node = node[p]
-    return node["kernel"]
-
-
 def calibration_widths(candidates: Sequence[int], registry: LayerRegistry) -> tuple:
     """The widths to calibrate: the candidates, then any pinned width not among them."""
     cands = check_candidates(candidates)
@@ -296,6 +309,7 @@ def calibrate_model(
     act_bound = np.ones((n, 2, k), np.float32)  # operand 1 of conv/dense: unused
     absmax = np.ones((n, 2), np.float32)
     act_gain = np.ones((n, 2, k), np.float32)  # MSE at absmax / chosen MSE
+    weights = layer_weights(model, {"params": params}, registry, xs[:1], ts[:1])
     w_clip: list[np.ndarray | None] = []
     w_gain: list[np.ndarray | None] = []
     for i, layer in enumerate(
@@ -310,7 +324,7 @@ def calibrate_model(
             w_clip.append(None)
             w_gain.append(None)
             continue
-        clip, mse = search_weight_clip(_kernel(params, layer.path), widths)
+        clip, mse = search_weight_clip(weights[i], widths)
         w_clip.append(clip)
         w_gain.append(mse[:, 0].sum(-1) / np.maximum(mse.min(1).sum(-1), 1e-30))
     qparams = QParams(

@@ -110,7 +110,7 @@ def load_calibration(
     like = {
         "act_bound": jax.ShapeDtypeStruct((n, 2, k), jnp.float32),
         "w_clip": {
-            f"{i:04d}": jax.ShapeDtypeStruct((k, layer.kernel_shape[-1]), jnp.float32)
+            f"{i:04d}": jax.ShapeDtypeStruct((k, layer.channels), jnp.float32)
             for i, layer in enumerate(registry)
             if layer.kernel_shape
         },
@@ -119,7 +119,7 @@ def load_calibration(
     if corrected:
         like["bias_corr"] = {
             f"{i:04d}": jax.ShapeDtypeStruct(
-                (k, k, layer.kernel_shape[-1]), jnp.float32
+                (k, k, layer.channels), jnp.float32
             )
             for i, layer in enumerate(registry)
             if layer.kernel_shape

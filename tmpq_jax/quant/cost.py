@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tmpq_jax.quant.coverage import float_bitops
 from tmpq_jax.quant.registry import LayerRegistry
 from tmpq_jax.quant.supernet import QuantBits
 
@@ -32,8 +33,10 @@ def layer_bitops(bits: QuantBits, registry: LayerRegistry) -> jax.Array:
 
 
 def bitops_per_step(bits: QuantBits, registry: LayerRegistry) -> jax.Array:
-    """BitOPs of one network evaluation per sample: float32[...]."""
-    return jnp.sum(layer_bitops(bits, registry), axis=-1)
+    """BitOPs of one network evaluation per sample: float32[...]; ops kept in
+    float count at 16 x 16 bits (`coverage.float_bitops`)."""
+    kept = jnp.float32(float_bitops(registry))
+    return jnp.sum(layer_bitops(bits, registry), axis=-1) + kept
 
 
 def total_bitops(bits: QuantBits, registry: LayerRegistry, num_steps) -> jax.Array:

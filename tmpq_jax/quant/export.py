@@ -17,10 +17,11 @@ What AQT's Freezer adds is only the storage (an `aqt` variable collection next t
 the float kernel). Here the storage is explicit and the float kernels are gone:
 
     QuantizedModel.variables = {
-      "params": the model's params, each registered kernel replaced by its int8
-                qvalue (Flax checks a param's shape, not its dtype),
-      "aqt":    {<module path>: {"scale": float32[C_out],
-                                 "bias_corr": float32[C_out] (if calibrated)}},
+      "params": the model's params, each registered weight replaced by its int8
+                qvalue (Flax checks a param's shape, not its dtype; the model
+                casts it back to float, exactly, and SERVE reads it there),
+      "aqt":    {<layer index, 4 digits>: {"scale": float32[C_out],
+                                "bias_corr": float32[C_out] (if calibrated)}},
     }
 
 plus the genome's bits and the static activation bounds selected at its widths
@@ -40,7 +41,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,24 +48,21 @@ from flax import struct
 
 from tmpq_jax.checkpoint import restore_tree, save_tree_and_json
 from tmpq_jax.errors import UserError
-from tmpq_jax.quant import numerics
-from tmpq_jax.quant.registry import LayerRegistry, layer_kind
+from tmpq_jax.quant import intercept, numerics, ops
+from tmpq_jax.quant.registry import LayerRegistry
 from tmpq_jax.quant.supernet import (
     DEFAULT_CANDIDATES,
     QParams,
     QuantBits,
-    _is_rerun,
-    _rerun,
     bias_corr_at,
-    call_with_op,
     check_bits,
     check_qparams,
-    corrected,
+    operand_specs,
 )
 
 COLLECTION = "aqt"  # AQT's default quant_collection name
 FORMAT = "tmpq-int8-export"
-VERSION = 1
+VERSION = 2  # 2: scales keyed by layer index (op-level registry)
 META_FILE = "export.json"
 ARRAYS_DIR = "arrays"
 
@@ -91,12 +88,6 @@ def _get(tree: Any, path: Sequence[str]) -> Any:
     return tree
 
 
-def _set_in(tree: dict, path: Sequence[str], key: str, value) -> None:
-    for p in path:
-        tree = tree.setdefault(p, {})
-    tree[key] = value
-
-
 def _copy(tree: Any) -> Any:
     """Nested dicts copied (leaves shared), so `convert` never edits its input."""
     if isinstance(tree, dict) or hasattr(tree, "items"):
@@ -110,6 +101,10 @@ def _concrete_bits(bits: QuantBits) -> tuple[np.ndarray, np.ndarray]:
             "convert a concrete genome (outside jit/vmap), not traced bits."
         )
     return np.asarray(bits.w_bits), np.asarray(bits.a_bits)
+
+
+def _key(i: int) -> str:
+    return f"{i:04d}"
 
 
 def freeze(
@@ -126,29 +121,23 @@ def freeze(
     new_params, scales = _copy(params), {}
     bounds = []
     for i, layer in enumerate(registry):
-        left = layer.pinned_lhs_bits or bits.a_bits[i]
-        lb = rb = jnp.float32(0.0)
-        if qparams is not None and qparams.act_bound is not None:
-            row = qparams.act_bound[i]
-            lb = jnp.take(row[0], qparams.width_index(left))
-            if layer.kind == "matmul":
-                rb = jnp.take(row[1], qparams.width_index(bits.w_bits[i]))
-        bounds.append(jnp.stack([lb, rb]))
+        left, right = operand_specs(i, registry, bits, qparams)
+        zero = jnp.float32(0.0)
+        rb = right.bound if layer.kind == "matmul" else None
+        bounds.append(
+            jnp.stack([zero if b is None else b for b in (left.bound, rb)])
+        )
         if layer.kind == "matmul":
             continue
-        clip = None
-        if qparams is not None and qparams.w_clip is not None:
-            clip = jnp.take(
-                qparams.w_clip[i], qparams.width_index(bits.w_bits[i]), axis=0
-            )
-        node = _get(new_params, layer.path)
-        node["kernel"], scale = numerics.convert_weight(
-            node["kernel"], numerics.WeightQuant(bits.w_bits[i], clip)
+        node = _get(new_params, layer.param_path[:-1])
+        leaf = layer.param_path[-1]
+        node[leaf], scale = numerics.convert_weight(
+            node[leaf], right, layer.weight_contracting
         )
-        _set_in(scales, layer.path, "scale", scale)
+        scales[_key(i)] = {"scale": scale}
         corr = bias_corr_at(i, bits, qparams)
         if corr is not None:
-            _set_in(scales, layer.path, "bias_corr", corr)
+            scales[_key(i)]["bias_corr"] = corr
     dynamic = qparams is None or qparams.act_bound is None
     return QuantizedModel(
         variables={"params": new_params, COLLECTION: scales},
@@ -173,11 +162,13 @@ def convert(
     if qparams is not None:
         check_qparams(qparams, registry, candidates)
     _concrete_bits(bits)
+    check_freezable(registry)
     for layer in registry:
-        if layer.kind != "matmul" and not _has_kernel(params, layer.path):
+        if layer.kind != "matmul" and not _has_param(params, layer.param_path):
             raise UserError(
-                f"params have no kernel for layer {layer.name!r}; convert the "
-                "'params' collection of the model the registry was built for."
+                f"params have no weight {'/'.join(layer.param_path)!r} for layer "
+                f"{layer.name!r}; convert the 'params' collection of the model the "
+                "registry was built for."
             )
     bits = QuantBits(
         jnp.asarray(bits.w_bits, jnp.int32), jnp.asarray(bits.a_bits, jnp.int32)
@@ -187,16 +178,28 @@ def convert(
     for i, layer in enumerate(registry):
         if layer.kind == "matmul":
             continue
-        qvalue = _get(qmodel.variables["params"], layer.path)["kernel"]
+        qvalue = _get(qmodel.variables["params"], layer.param_path)
         bound = 2 ** (int(w[i]) - 1) - 1
         if qvalue.dtype != jnp.int8 or int(jnp.max(jnp.abs(qvalue))) > bound:
             raise AssertionError(f"{layer.name}: AQT CONVERT left int8 +-{bound}")
     return qmodel
 
 
-def _has_kernel(params: Any, path: Sequence[str]) -> bool:
+def check_freezable(registry: LayerRegistry) -> None:
+    """UserError unless every weight is a param of its own (CONVERT replaces it)."""
+    bad = [x.name for x in registry if x.kind != "matmul" and x.param_path is None]
+    if bad:
+        raise UserError(
+            f"layers {bad[:3]} multiply by a weight computed from params, not a "
+            "param itself; int8 export needs the param: evaluate such a model "
+            "with quantized_apply (fake-quant)."
+        )
+
+
+def _has_param(params: Any, path: Sequence[str]) -> bool:
     try:
-        return "kernel" in _get(params, path)
+        _get(params, path)
+        return True
     except (KeyError, TypeError):
         return False
 
@@ -205,57 +208,49 @@ def _has_kernel(params: Any, path: Sequence[str]) -> bool:
 # SERVE.
 
 
-def _act_specs(i: int, registry, qmodel: QuantizedModel):
-    layer = registry[i]
-    lb = rb = None
-    if qmodel.act_bound is not None:
-        lb, rb = qmodel.act_bound[i, 0], qmodel.act_bound[i, 1]
-    left = numerics.ActQuant(layer.pinned_lhs_bits or qmodel.bits.a_bits[i], lb)
-    if layer.kind == "matmul":
-        return left, numerics.ActQuant(qmodel.bits.w_bits[i], rb)
-    return left, None
+def make_serve_handler(qmodel: QuantizedModel, registry: LayerRegistry, conv_dtype=None):
+    """An op handler running every registered conv/dense from its frozen int8
+    weight (AQT SERVE) and every matmul as the supernet does. `conv_dtype`: see
+    `numerics.served_conv_general_dilated` (bfloat16 on accelerators)."""
+    store = qmodel.variables[COLLECTION]
 
-
-def _frozen_kernel(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array]:
-    qvalue = module.get_variable("params", "kernel")
-    scale = module.get_variable(COLLECTION, "scale")
-    if qvalue is None or scale is None or qvalue.dtype != jnp.int8:
-        raise UserError(
-            f"layer {name!r} has no frozen int8 kernel and scale; serve the "
-            "variables of a QuantizedModel made by convert()."
+    def handler(call):
+        i = registry.index_of_site(call.site)
+        if i is None:
+            return call.original()
+        layer = registry[i]
+        left, right = operand_specs(i, registry, qmodel.bits, None, qmodel.act_bound)
+        if layer.kind == "matmul":
+            return ops.quantized(layer, call, left, right)
+        # The model multiplies by its param, now the int8 qvalue cast to its dtype:
+        # the cast back is exact (|q| <= 127).
+        qvalue = ops.canonical(layer, call).right.astype(jnp.int8)
+        entry = store[_key(i)]
+        return ops.served(
+            layer, call, left, qvalue, entry["scale"], entry.get("bias_corr"), conv_dtype
         )
-    return qvalue, scale
+
+    return handler
 
 
-def make_serve_interceptor(
-    qmodel: QuantizedModel, registry: LayerRegistry, conv_dtype=None
-):
-    """A Flax method interceptor running every registered conv/dense from its frozen
-    int8 kernel (AQT SERVE) and every MatMul as the supernet does. `conv_dtype`:
-    see `numerics.served_conv_general_dilated` (bfloat16 on accelerators)."""
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        kind = layer_kind(module)
-        if kind is None or context.method_name != "__call__" or _is_rerun(module):
-            return next_fun(*args, **kwargs)
-        i = registry.index_of_path(module.path)
-        left, right = _act_specs(i, registry, qmodel)
-        if kind == "matmul":
-            return _rerun(module, kind, left, right, args, kwargs)
-        qvalue, scale = _frozen_kernel(module, registry[i].name)
-        corr = module.get_variable(COLLECTION, "bias_corr")
-        if kind == "conv":
-            op = numerics.served_conv_general_dilated(left, qvalue, scale, conv_dtype)
-        else:
-            op = numerics.served_dot_general(left, qvalue, scale)
-        return call_with_op(module, kind, corrected(op, corr), args, kwargs)
-
-    return interceptor
+def _check_frozen(qmodel: QuantizedModel, registry: LayerRegistry) -> None:
+    for i, layer in enumerate(registry):
+        if layer.kind == "matmul":
+            continue
+        try:
+            w = _get(qmodel.variables["params"], layer.param_path)
+            ok = w.dtype == jnp.int8 and _key(i) in qmodel.variables[COLLECTION]
+        except (KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise UserError(
+                f"layer {layer.name!r} has no frozen int8 weight and scale; serve "
+                "the variables of a QuantizedModel made by convert()."
+            )
 
 
 def serve_apply(
-    model: nn.Module,
+    model: Any,
     qmodel: QuantizedModel,
     *args,
     registry: LayerRegistry,
@@ -265,7 +260,9 @@ def serve_apply(
     """`model.apply` from the frozen int8 weights of `qmodel` (jittable; `qmodel` is
     a pytree). Equals `quantized_apply` with the genome and QParams it came from
     (with `conv_dtype=bfloat16`: wherever convolution sums stay below 2**24)."""
-    with nn.intercept_methods(make_serve_interceptor(qmodel, registry, conv_dtype)):
+    _check_frozen(qmodel, registry)
+    handler = make_serve_handler(qmodel, registry, conv_dtype)
+    with intercept.intercept(handler):
         return model.apply(qmodel.variables, *args, **apply_kwargs)
 
 
@@ -319,6 +316,11 @@ def load_quantized(
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{file}: not a tmpq int8 export; export it again.")
+    if meta.get("version") != VERSION:
+        raise UserError(
+            f"{file}: an int8 export of format version {meta.get('version')}, this "
+            f"tmpq_jax reads version {VERSION}; export the genome again."
+        )
     if meta.get("layer_names") != list(registry.names):
         raise UserError(f"{path}: exported from another model's layers; re-export.")
     n = len(registry)
@@ -327,13 +329,14 @@ def load_quantized(
     )
     scales: dict = {}
     keys = ("scale", "bias_corr") if meta.get("bias_corrected") else ("scale",)
-    for layer in registry:
+    for i, layer in enumerate(registry):
         if layer.kernel_shape:
-            node = _get(like_params, layer.path)
-            node["kernel"] = jax.ShapeDtypeStruct(layer.kernel_shape, jnp.int8)
-            per_channel = jax.ShapeDtypeStruct((layer.kernel_shape[-1],), jnp.float32)
-            for key in keys:
-                _set_in(scales, layer.path, key, per_channel)
+            node = _get(like_params, layer.param_path[:-1])
+            node[layer.param_path[-1]] = jax.ShapeDtypeStruct(
+                layer.kernel_shape, jnp.int8
+            )
+            per_channel = jax.ShapeDtypeStruct((layer.channels,), jnp.float32)
+            scales[_key(i)] = {key: per_channel for key in keys}
     bits = jax.ShapeDtypeStruct((n,), jnp.int32)
     like = {
         "variables": {"params": like_params, COLLECTION: scales},

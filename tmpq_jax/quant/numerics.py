@@ -264,17 +264,23 @@ def fake_quant_activation(x: jax.Array, spec: ActQuant) -> tuple[jax.Array, jax.
 # CONVERT / SERVE: frozen int8 kernels.
 
 
-def convert_weight(w: jax.Array, spec: WeightQuant) -> tuple[jax.Array, jax.Array]:
-    """AQT CONVERT of one kernel (last axis = output channel), quantized exactly as
-    the ops above quantize it: (qvalue int8[w.shape] in +-(2**(bits-1)-1),
-    scale float32[C_out])."""
-    qt = _quant(w, spec, list(range(w.ndim - 1)))
-    return qt.qvalue, jnp.reshape(qt.scale[0], (w.shape[-1],))
+def convert_weight(
+    w: jax.Array, spec: WeightQuant, contracting: Sequence[int] | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """AQT CONVERT of one kernel (per channel over the axes not in `contracting`;
+    default: all but the last), quantized exactly as the ops above quantize it:
+    (qvalue int8[w.shape] in +-(2**(bits-1)-1), scale float32[C] flat)."""
+    axes = list(range(w.ndim - 1)) if contracting is None else list(contracting)
+    qt = _quant(w, spec, axes)
+    return qt.qvalue, jnp.ravel(qt.scale[0])
 
 
-def _frozen(qvalue: jax.Array, scale: jax.Array) -> aqt_tensor.QTensor:
+def _frozen(
+    qvalue: jax.Array, scale: jax.Array, contracting: Sequence[int] | None = None
+) -> aqt_tensor.QTensor:
     """A full AQT `QTensor` of a frozen kernel, as AQT's Freezer returns in SERVE."""
-    shape = (1,) * (qvalue.ndim - 1) + (qvalue.shape[-1],)
+    axes = range(qvalue.ndim - 1) if contracting is None else contracting
+    shape = tuple(1 if i in axes else d for i, d in enumerate(qvalue.shape))
     return aqt_tensor.QTensor(
         qvalue=qvalue,
         scale=[jnp.reshape(scale, shape)],
@@ -287,14 +293,17 @@ def _frozen(qvalue: jax.Array, scale: jax.Array) -> aqt_tensor.QTensor:
 _UNUSED = WeightQuant(MAX_BITS)  # rhs numerics of a SERVE op: the frozen QTensor wins
 
 
-def served_dot_general(act: ActQuant, qvalue: jax.Array, scale: jax.Array):
-    """AQT SERVE: a `lax.dot_general` replacement for `nn.Dense` whose kernel is the
-    frozen (qvalue, scale); the `rhs` it is called with is ignored."""
+def served_dot_general(
+    act: ActQuant, qvalue: jax.Array, scale: jax.Array, contracting=None
+):
+    """AQT SERVE: a `lax.dot_general` replacement whose right operand is the frozen
+    (qvalue, scale); the `rhs` it is called with is ignored."""
 
     def fn(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
         del precision, preferred_element_type
         cfg = dot_general_config(act, _UNUSED)
-        out, _ = cfg.dg_core(lhs, rhs, None, _frozen(qvalue, scale), dimension_numbers)
+        frozen = _frozen(qvalue, scale, contracting)
+        out, _ = cfg.dg_core(lhs, rhs, None, frozen, dimension_numbers)
         return out
 
     return fn

@@ -16,7 +16,7 @@ learned rounding would need a new stored tensor per weight and width.
   captured in one float pass (`capture_blocks`), so blocks are independent and
   a genome mixing widths across blocks sees parameters fit for its own width.
 * For every block and every width k (the whole block at k; the softmax operand of
-  `av` stays at its pinned width and is only learned in that width's run): Adam
+  attention stays at its pinned width and is only learned in that width's run): Adam
   on log(bound) and log(clip ratio) (clip ratio kept <= 1), `steps` minibatch
   steps, starting from the min-MSE values, minimizing the block output MSE with
   `ste.py`'s fake-quant. The objective on the whole capture set is evaluated at
@@ -46,10 +46,10 @@ from jax import lax
 from tqdm.auto import tqdm
 
 from tmpq_jax.errors import UserError
-from tmpq_jax.quant import ste
+from tmpq_jax.quant import intercept, ops, ste
 from tmpq_jax.quant.calibration import _batch_size
-from tmpq_jax.quant.registry import LayerRegistry, layer_kind
-from tmpq_jax.quant.supernet import QParams, _is_rerun, call_with_op
+from tmpq_jax.quant.registry import LayerRegistry
+from tmpq_jax.quant.supernet import QParams
 
 STAGE_MIN_MSE = "min-mse"
 STAGE_RECONSTRUCTION = "reconstruction"
@@ -161,50 +161,39 @@ def capture_blocks(
 # A block's quantized forward through the STE.
 
 
-def _ste_interceptor(prefix, registry, block_layers, theta, bits, pinned_bounds):
+def _ste_handler(prefix, registry, block_layers, theta, bits, pinned_bounds):
     """Quantizes the block's registry layers with `ste` fake-quant. theta:
     {'act': f32[n, 2] (left, right operand bounds), 'clip': (f32[C] | None, ...)}
     in block-layer order; `pinned_bounds` f32[n]: the left bound used where the
     layer pins its left operand to another width than `bits`."""
-    where = {registry[i].path: j for j, i in enumerate(block_layers)}
+    where = {i: j for j, i in enumerate(block_layers)}
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        kind = layer_kind(module)
-        if kind is None or context.method_name != "__call__" or _is_rerun(module):
-            return next_fun(*args, **kwargs)
-        path = prefix + tuple(module.path)
-        j = where.get(path)
+    def handler(call):
+        site = dataclasses.replace(call.site, path=tuple(prefix) + call.site.path)
+        i = registry.index_of_site(site)
+        if i is None:
+            return call.original()
+        j = where.get(i)
         if j is None:
-            raise UserError(f"layer {'/'.join(path)} is not in the layer registry.")
-        layer = registry[block_layers[j]]
+            raise UserError(f"layer {registry[i].name} is not in its block.")
+        layer = registry[i]
         left_bits, left_bound = bits, theta["act"][j, 0]
         if layer.pinned_lhs_bits:
             left_bits = layer.pinned_lhs_bits
             left_bound = jnp.where(bits == left_bits, left_bound, pinned_bounds[j])
-        act = lambda a, bd=left_bound, b=left_bits: ste.fake_quant_activation(a, b, bd)
-        if kind == "matmul":
-            a, b = args
-            if module.dtype is not None:
-                a, b = a.astype(module.dtype), b.astype(module.dtype)
-            b = ste.fake_quant_activation(b, bits, theta["act"][j, 1])
-            return jnp.einsum(module.equation, act(a), b)
-        weight = lambda w: ste.fake_quant_weight(w, bits, theta["clip"][j])
-        if kind == "conv":
-
-            def op(lhs, rhs, *a, **kw):
-                return lax.conv_general_dilated(act(lhs), weight(rhs), *a, **kw)
-
+        if layer.kind == "matmul":
+            right_q = lambda b: ste.fake_quant_activation(b, bits, theta["act"][j, 1])
         else:
+            right_q = lambda w: ste.fake_quant_weight(w, bits, theta["clip"][j])
+        float_op = ops.float_op(call)
 
-            def op(lhs, rhs, dimension_numbers, precision=None, **kw):
-                return lax.dot_general(
-                    act(lhs), weight(rhs), dimension_numbers, precision=precision, **kw
-                )
+        def op(a, b, *args, **kwargs):
+            a = ste.fake_quant_activation(a, left_bits, left_bound)
+            return float_op(a, right_q(b), *args, **kwargs)
 
-        return call_with_op(module, kind, op, args, kwargs)
+        return ops.run(layer, call, op)
 
-    return interceptor
+    return handler
 
 
 def _subtree(params: Any, prefix: Sequence[str]) -> Any:
@@ -219,10 +208,10 @@ def block_objective_fn(module, block: Block, registry: LayerRegistry, block_para
     variables = {"params": block_params}
 
     def objective(theta, inputs, target, bits, pinned_bounds):
-        icpt = _ste_interceptor(
+        handler = _ste_handler(
             block.prefix, registry, block.layers, theta, bits, pinned_bounds
         )
-        with nn.intercept_methods(icpt):
+        with intercept.intercept(handler):
             out = module.apply(variables, *inputs)
         return jnp.mean(jnp.square(out - target))
 

@@ -1,23 +1,20 @@
-"""The quantization supernet: any Flax linen model, run with per-layer traced bits.
+"""The quantization supernet: any Flax model, run with per-op traced bits.
 
 TMPQ-DM (arXiv 2404.09532) evaluates many layer-wise precision genomes on one
-pretrained network. Here no model is edited: `quantized_apply` wraps `model.apply`
-in `nn.intercept_methods`, and the interceptor reruns every `nn.Conv`, `nn.Dense`
-(subclasses included) and `tmpq_jax.models.ops.MatMul` call through AQT
-(`numerics.py`) with that layer's bits, looked up by module path in a
-`LayerRegistry`. Conv/Dense are rerun as a clone bound to the *same* scope (same
-params) whose `conv_general_dilated` / `dot_general` is the quantized op, so every
-nn.Conv/nn.Dense feature (padding modes, groups, dilation, dtype) is kept.
+pretrained network. Here no model is edited: `quantized_apply` runs `model.apply`
+with every matmul and convolution intercepted (`intercept.py`), and each one the
+`LayerRegistry` lists is rerun through AQT (`numerics.py`, via `ops.py`) with its
+bits, looked up by its site (module path and op index).
 
 Genes (`QuantBits`, int32[L] each; layer i = registry index i):
   * conv/dense: `a_bits[i]` quantizes the input activation (per-tensor),
-    `w_bits[i]` the kernel (symmetric, per output channel);
-  * MatMul: both operands are activations, quantized per-tensor: `a_bits[i]` is the
-    left operand (q of `qk`), `w_bits[i]` the right one (k of `qk`, v of `av`).
-    The left operand of `av` is the softmax output, pinned at 8 bits: its `a_bits`
-    gene is inert. This gives exactly the paper's q, k, v genes per attention.
+    `w_bits[i]` the weight (symmetric, per output channel);
+  * matmul (both operands activations): `a_bits[i]` is the left operand (q of
+    q.k), `w_bits[i]` the right one (k of q.k, v of p.v), each per tensor. A
+    softmax output is the left operand, pinned at 8 bits: its `a_bits` gene is
+    inert. This gives exactly the paper's q, k, v genes per attention.
 
-The bits are ordinary arrays closed over by the interceptor, so under `jax.vmap`
+The bits are ordinary arrays closed over by the handler, so under `jax.vmap`
 over a population they are batched tracers and one compiled program serves every
 genome. Calibrated results (`QParams`) are stored for every bit-width and only
 *selected* (`jnp.take` by the width's index); without them activation scales are
@@ -29,15 +26,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from tmpq_jax.errors import UserError
-from tmpq_jax.quant import numerics
-from tmpq_jax.quant.registry import LayerRegistry, layer_kind
+from tmpq_jax.quant import intercept, numerics, ops
+from tmpq_jax.quant.registry import LayerRegistry
 
 DEFAULT_CANDIDATES = (8, 7, 6, 5)
 
@@ -171,7 +167,7 @@ def check_qparams(
         if len(qparams.w_clip) != n:
             raise UserError(f"w_clip has {len(qparams.w_clip)} entries, expected {n}.")
         for layer, clip in zip(registry, qparams.w_clip, strict=True):
-            want = (k, layer.kernel_shape[-1]) if layer.kernel_shape else None
+            want = (k, layer.channels) if layer.kernel_shape else None
             if (clip is None) != (want is None) or (
                 clip is not None and jnp.shape(clip) != want
             ):
@@ -184,7 +180,7 @@ def check_qparams(
                 f"bias_corr has {len(qparams.bias_corr)} entries, expected {n}."
             )
         for layer, corr in zip(registry, qparams.bias_corr, strict=True):
-            want = (k, k, layer.kernel_shape[-1]) if layer.kernel_shape else None
+            want = (k, k, layer.channels) if layer.kernel_shape else None
             if (corr is None) != (want is None) or (
                 corr is not None and jnp.shape(corr) != want
             ):
@@ -195,32 +191,27 @@ def check_qparams(
 
 
 # ----------------------------------------------------------------------------
-# The interceptor.
+# The one selection of calibrated results, and the op handler.
 
 
-class _QuantizedOp:
-    """Marks the op of a rerun clone, so the interceptor lets that call through."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-
-def _is_rerun(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "dot_general", None), _QuantizedOp) or isinstance(
-        getattr(module, "conv_general_dilated", None), _QuantizedOp
-    )
-
-
-def _operand_specs(i: int, registry, bits: QuantBits, qparams: QParams | None):
-    """(left, right) quantization specs of layer i, with calibrated results taken."""
+def operand_specs(
+    i: int,
+    registry: LayerRegistry,
+    bits: QuantBits,
+    qparams: QParams | None,
+    act_bound: jax.Array | None = None,
+):
+    """(left, right) quantization specs of layer i at `bits`, with the calibrated
+    results selected at its widths: from `qparams`, or from `act_bound` f32[L, 2]
+    already selected (a frozen genome). The right spec is a `WeightQuant` for a
+    conv/dense, an `ActQuant` for a matmul."""
     layer = registry[i]
     left_bits = layer.pinned_lhs_bits or bits.a_bits[i]
     right_bits = bits.w_bits[i]
     left_bound = right_bound = clip = None
-    if qparams is not None and qparams.act_bound is not None:
+    if act_bound is not None:
+        left_bound, right_bound = act_bound[i, 0], act_bound[i, 1]
+    elif qparams is not None and qparams.act_bound is not None:
         row = qparams.act_bound[i]
         left_bound = jnp.take(row[0], qparams.width_index(left_bits))
         if layer.kind == "matmul":
@@ -241,65 +232,23 @@ def bias_corr_at(i: int, bits: QuantBits, qparams: QParams | None):
     return jnp.take(corr, qparams.width_index(bits.a_bits[i]), axis=0)
 
 
-def corrected(op, corr):
-    """`op` (a conv/dot_general replacement, features last) minus `corr` [C_out]:
-    subtracted before the layer adds its bias, in every path alike."""
-    if corr is None:
-        return op
+def make_handler(bits: QuantBits, registry: LayerRegistry, qparams: QParams | None = None):
+    """An op handler (`intercept.intercept`) quantizing every registered op with
+    `bits`; ops the registry keeps in float run as they are."""
 
-    def fn(*args, **kwargs):
-        out = op(*args, **kwargs)
-        return out - corr.astype(out.dtype)
-
-    return fn
-
-
-def _rerun(module: nn.Module, kind: str, left, right, args, kwargs, corr=None):
-    if kind == "matmul":
-        a, b = args
-        if module.dtype is not None:
-            a, b = a.astype(module.dtype), b.astype(module.dtype)
-        return numerics.einsum(module.equation, a, b, left, right)
-    if kind == "conv":
-        op = numerics.conv_general_dilated(left, right)
-    else:
-        op = numerics.dot_general(left, right)
-    return call_with_op(module, kind, corrected(op, corr), args, kwargs)
-
-
-def call_with_op(module: nn.Module, kind: str, op, args, kwargs):
-    """Calls the conv/dense `module` with `op` as its `conv_general_dilated` /
-    `dot_general`: a clone bound to the module's own scope (same params, same
-    path, no new names), marked so that interceptors let it through."""
-    if kind == "conv":
-        updates = dict(
-            conv_general_dilated=_QuantizedOp(op), conv_general_dilated_cls=None
-        )
-    else:
-        updates = dict(dot_general=_QuantizedOp(op), dot_general_cls=None)
-    return module.clone(parent=module.scope, **updates)(*args, **kwargs)
-
-
-def make_interceptor(
-    bits: QuantBits, registry: LayerRegistry, qparams: QParams | None = None
-):
-    """A Flax method interceptor quantizing every registered layer with `bits`."""
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        kind = layer_kind(module)
-        if kind is None or context.method_name != "__call__" or _is_rerun(module):
-            return next_fun(*args, **kwargs)
-        i = registry.index_of_path(module.path)
-        left, right = _operand_specs(i, registry, bits, qparams)
+    def handler(call: intercept.OpCall):
+        i = registry.index_of_site(call.site)
+        if i is None:
+            return call.original()
+        left, right = operand_specs(i, registry, bits, qparams)
         corr = bias_corr_at(i, bits, qparams)
-        return _rerun(module, kind, left, right, args, kwargs, corr)
+        return ops.quantized(registry[i], call, left, right, corr)
 
-    return interceptor
+    return handler
 
 
 def quantized_apply(
-    model: nn.Module,
+    model: Any,
     variables: Any,
     *args,
     bits: QuantBits,
@@ -314,5 +263,5 @@ def quantized_apply(
     check_bits(bits, registry, candidates)
     if qparams is not None:
         check_qparams(qparams, registry, candidates)
-    with nn.intercept_methods(make_interceptor(bits, registry, qparams)):
+    with intercept.intercept(make_handler(bits, registry, qparams)):
         return model.apply(variables, *args, **apply_kwargs)
