@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import ArgumentError, UserError
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist.py")
 
@@ -49,7 +49,8 @@ def cmd_sample(args, overrides) -> int:
 
     from tmpq_jax.diffusion.schedules import timestep_schedule
     from tmpq_jax.images import save_grid, save_npz
-    from tmpq_jax.sampling import load_model, sample, to_uint8
+    from tmpq_jax.sampling import sample, to_uint8
+    from tmpq_jax.user_model import resolve_model
 
     if overrides:
         raise UserError(
@@ -76,12 +77,14 @@ def cmd_sample(args, overrides) -> int:
             raise UserError(
                 "--dtype: the int8 model samples in float32; leave it out with --genome."
             )
-        lm, genome = load_genome_model(args.genome, args.checkpoint, args.calibration)
+        lm, genome = load_genome_model(
+            args.genome, args.checkpoint, args.calibration, model_spec=args.model
+        )
         ts = genome.timesteps
     else:
         if args.calibration:
             raise UserError("--calibration is only used with --genome.")
-        lm = load_model(args.checkpoint)
+        lm = resolve_model(args.checkpoint, args.model)
         if args.dtype:
             lm = lm.with_dtype(args.dtype)
         T = lm.diffusion.num_timesteps
@@ -133,7 +136,7 @@ def cmd_eval(args, overrides) -> int:
     from tmpq_jax.evaluation import Evaluator, evaluate_model, format_report
     from tmpq_jax.files import write_json
     from tmpq_jax.provenance import provenance
-    from tmpq_jax.sampling import load_model
+    from tmpq_jax.user_model import resolve_model
 
     if overrides:
         raise UserError(
@@ -142,7 +145,7 @@ def cmd_eval(args, overrides) -> int:
     if args.json and not str(args.json).endswith(".json"):
         raise UserError(f"{args.json}: give a path ending in .json.")
     ev = Evaluator(args.feature_net, args.data_dir)
-    lm = load_model(args.checkpoint)
+    lm = resolve_model(args.checkpoint, args.model)
     r = evaluate_model(
         ev,
         lm,
@@ -164,15 +167,16 @@ def cmd_eval(args, overrides) -> int:
 
 
 def cmd_layers(args, overrides) -> int:
-    from tmpq_jax.quant import QuantBits, format_registry, unet_registry
+    from tmpq_jax.quant import QuantBits, format_registry
     from tmpq_jax.quant.cost import bitops_per_step, model_size_bits
-    from tmpq_jax.sampling import load_model
+    from tmpq_jax.user_model import resolve_model
 
     if overrides:
         raise UserError(
             f"`tmpq layers` takes no --config overrides (got {overrides[0]!r})."
         )
-    reg = unet_registry(load_model(args.checkpoint).config)
+    lm = resolve_model(args.checkpoint, args.model)
+    reg = lm.layer_registry(check=False)  # lists what is left in float, refuses not
     print(format_registry(reg))
     for w, a in ((8, 8), (6, 6), (4, 8)):
         bits = QuantBits.uniform(reg, w, a)
@@ -184,11 +188,11 @@ def cmd_layers(args, overrides) -> int:
 
 
 def cmd_calibrate(args, overrides) -> int:
-    from tmpq_jax.quant import save_calibration, unet_registry
+    from tmpq_jax.quant import save_calibration
     from tmpq_jax.quant.calibration import model_fingerprint
     from tmpq_jax.quant.solver import solve
     from tmpq_jax.quant.supernet import check_candidates
-    from tmpq_jax.sampling import load_model
+    from tmpq_jax.user_model import resolve_model
 
     if overrides:
         raise UserError(
@@ -205,8 +209,8 @@ def cmd_calibrate(args, overrides) -> int:
         raise UserError(
             f"--reconstruct-steps {args.reconstruct_steps}: use at least 1."
         )
-    lm = load_model(args.checkpoint)
-    reg = unet_registry(lm.config)
+    lm = resolve_model(args.checkpoint, args.model)
+    reg = lm.layer_registry()
     qparams, settings, info = solve(
         lm,
         args.seed,
@@ -278,7 +282,14 @@ def cmd_search(args, overrides) -> int:
             "The bar moves once a generation (minutes each on a CPU; the first also "
             "compiles); interrupt any time and rerun to resume."
         )
-    r = search(run, args.workdir, progress=not args.no_progress)
+    lm = None
+    if args.model:
+        from tmpq_jax.user_model import load_user_model
+
+        lm = load_user_model(args.model)
+    r = search(
+        run, args.workdir, progress=not args.no_progress, rescore=args.rescore, model=lm
+    )
     if not is_main_process():
         return 0
     rs = r["rescored"]
@@ -288,8 +299,24 @@ def cmd_search(args, overrides) -> int:
         f"{r['total_bitops'] / 1e9:.2f} GBitOPs over {len(r['timesteps'])} steps "
         f"(budget {r['budget_bitops'] / 1e9:.2f}); timesteps {r['timesteps']}"
     )
-    print(f"wrote {Path(args.workdir) / 'result.json'} and plots in {args.workdir}")
+    result = Path(args.workdir) / "result.json"
+    if r.get("reused"):
+        print(
+            f"{args.workdir} holds this search finished: nothing run; the result is "
+            f"{result} (--rescore re-scores its top genomes and rewrites the outputs)"
+        )
+    else:
+        print(f"wrote {result} and plots in {args.workdir}")
     return 0
+
+
+def _add_model_flag(p) -> None:
+    p.add_argument(
+        "--model",
+        metavar="FILE.py:FACTORY",
+        help="your own model: a factory returning (module, params, {'image_size': "
+        "H, 'channels': C}); Linen or NNX (see tmpq_jax/user_model.py)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--checkpoint", help="exported model dir (default: checkpoints/fmnist_unet)"
     )
+    _add_model_flag(s)
     s.add_argument("--steps", type=int, help="DDIM steps (default 10)")
     s.add_argument(
         "--schedule", choices=["quad", "uniform", "ddpm"], help="(default quad)"
@@ -332,7 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="PNG grid path")
     s.add_argument("--npz", help="write uint8 samples to this .npz")
     s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(fn=cmd_sample)
+    # Library arguments these flags set: their errors are reworded to name the flag.
+    s.set_defaults(
+        fn=cmd_sample,
+        arg_flags={
+            "num_steps": "--steps",
+            "num": "--num",
+            "calibration": "--calibration",
+            "checkpoint": "--checkpoint",
+        },
+    )
 
     c = sub.add_parser("train-classifier", help="train the FID feature network")
     c.add_argument(
@@ -348,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="FID/KID/IS/class histogram of a model's samples")
     e.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")
+    _add_model_flag(e)
     e.add_argument(
         "--feature-net", help="classifier dir (default: checkpoints/fmnist_classifier)"
     )
@@ -359,12 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="Fashion-MNIST idx directory (test set, for KID)")
     e.add_argument("--json", help="also write the figures to this .json")
     e.add_argument("--no-progress", action="store_true")
-    e.set_defaults(fn=cmd_eval)
+    e.set_defaults(fn=cmd_eval, arg_flags={"num_steps": "--steps"})
 
     k = sub.add_parser(
         "calibrate", help="calibrate every layer for every candidate width"
     )
     k.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")
+    _add_model_flag(k)
     k.add_argument("--out", required=True, help="calibration directory to write")
     k.add_argument("--candidates", default="8,7,6,5", help="candidate bit-widths")
     k.add_argument(
@@ -393,19 +432,85 @@ def build_parser() -> argparse.ArgumentParser:
         "README)",
     )
     k.add_argument("--no-progress", action="store_true")
-    k.set_defaults(fn=cmd_calibrate)
+    k.set_defaults(fn=cmd_calibrate, arg_flags={"num_steps": "--timesteps"})
 
     q = sub.add_parser("layers", help="list the quantizable layers (names for genomes)")
     q.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")
+    _add_model_flag(q)
     q.set_defaults(fn=cmd_layers)
     _add_search_parser(sub)
     return p
+
+
+_CONFIG_KEYS = object()  # `tmpq search --help`'s epilog, made when printed
+
+
+class _SearchHelp(argparse.RawDescriptionHelpFormatter):
+    """Ends `tmpq search --help` with the config keys; they are read from the
+    dataclasses only when help is printed (importing them imports JAX)."""
+
+    def add_text(self, text):
+        super().add_text(_config_keys_help() if text is _CONFIG_KEYS else text)
+
+
+def _field_notes(cls) -> dict[str, str]:
+    """The comments on each field's lines of a dataclass's source ({} if none)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+        toks = tokenize.generate_tokens(io.StringIO(src).readline)
+        notes = {
+            t.start[0]: t.string.lstrip("#").strip()
+            for t in toks
+            if t.type == tokenize.COMMENT
+        }
+        body = ast.parse(src).body[0].body
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+        return {}
+    return {
+        n.target.id: " ".join(
+            notes[i] for i in range(n.lineno, n.end_lineno + 1) if i in notes
+        )
+        for n in body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
+
+
+def _config_keys_help() -> str:
+    import dataclasses
+
+    from tmpq_jax.search.config import SearchConfig, SearchRunConfig
+
+    rows = []
+    for cls, prefix in ((SearchRunConfig, ""), (SearchConfig, "search.")):
+        notes = _field_notes(cls)
+        for f in dataclasses.fields(cls):
+            if f.default is dataclasses.MISSING:
+                continue  # `search`: the keys below
+            v = f.default
+            v = f"({','.join(map(str, v))})" if isinstance(v, tuple) else v
+            rows.append((f"--config.{prefix}{f.name}={v}", notes.get(f.name, "")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(
+        [
+            "config keys (--config.KEY=VALUE; shown with the defaults of SearchConfig,",
+            "the paper's protocol, which the --config file may change):",
+            *(f"  {k:<{width}}  {note}".rstrip() for k, note in rows),
+        ]
+    )
 
 
 def _add_search_parser(sub) -> None:
     r = sub.add_parser(
         "search",
         help="joint timestep + layer-wise bit search (default: the shipped model)",
+        formatter_class=_SearchHelp,
+        epilog=_CONFIG_KEYS,
     )
     r.add_argument(
         "--config",
@@ -415,7 +520,14 @@ def _add_search_parser(sub) -> None:
     r.add_argument(
         "--workdir", default="runs/search", help="checkpoints, log, results, plots"
     )
+    _add_model_flag(r)
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument(
+        "--rescore",
+        action="store_true",
+        help="re-score a finished search's top genomes and rewrite its outputs "
+        "(without it, rerunning a finished search only prints its result)",
+    )
     d = r.add_argument_group(
         "several processes (hosts)",
         "one process per host, all with the same command and --workdir on a "
@@ -445,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, overrides)
     except UserError as e:
+        flags = getattr(args, "arg_flags", {})
+        if isinstance(e, ArgumentError) and e.arg in flags:
+            e = e.renamed(flags[e.arg])  # the library's argument, as this flag
         print(f"tmpq {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

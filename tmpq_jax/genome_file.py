@@ -11,6 +11,7 @@ applied to:
      "layers": {"conv_in": {"w_bits": 6, "a_bits": 6}, ...},  # every layer, registry order
      "calibration": "checkpoints/fmnist_unet_calib" | null,   # where the QParams came from
      "model_fingerprint": "..." | null,         # quant.calibration.model_fingerprint(card)
+     "model": "checkpoints/fmnist_unet" | "factory:FILE.py:fn" | null,  # where it loads from
      "bitops_per_step": ..., "total_bitops": ..., "size_bits": ...,
      ...}                                       # any other key (fid, ...) is kept, ignored
 
@@ -86,6 +87,7 @@ def genome_to_dict(
     *,
     calibration: str | None = None,
     model_fingerprint: str | None = None,
+    model: str | None = None,
     num_timesteps: int = 1000,
     **extra,
 ) -> dict:
@@ -117,6 +119,7 @@ def genome_to_dict(
         "layers": layers,
         "calibration": None if calibration is None else str(calibration),
         "model_fingerprint": model_fingerprint,
+        "model": model,
         "bitops_per_step": per_step,
         "total_bitops": per_step * len(ts),
         "size_bits": float(cost.model_size_bits(bits, registry)),

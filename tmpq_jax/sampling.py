@@ -23,7 +23,7 @@ from tmpq_jax.diffusion.schedules import (
     NoiseSchedule,
     make_noise_schedule,
 )
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import ArgumentError, UserError
 from tmpq_jax.models.unet import UNet, UNetConfig, init_params
 
 
@@ -54,6 +54,10 @@ class LoadedModel:
             card,
         )
         self.model = UNet(config) if model is None else model
+        # Where it came from (a checkpoint dir or "factory:SPEC"), for genome files;
+        # which of its ops may stay in float (`quant.coverage.check_coverage`).
+        self.source: str | None = None
+        self.keep_float: tuple[str, ...] = ()
         self.sched: NoiseSchedule = make_noise_schedule(diffusion)
         # Jitted once per model; timesteps and eta are traced, batch is static.
         self.ddim_batch = jax.jit(self._ddim_batch, static_argnums=3)
@@ -90,8 +94,11 @@ class LoadedModel:
         }
         return cls(shape, diffusion, params, card, model=model)
 
-    def layer_registry(self):
-        """The model's quantizable layers (`quant.LayerRegistry`), traced at batch 1."""
+    def layer_registry(self, check: bool = True):
+        """The model's quantizable ops (`quant.LayerRegistry`), traced at batch 1;
+        `check`: refuse a model whose every matmul/conv is not quantized, except
+        those named in `keep_float`."""
+        from tmpq_jax.quant.coverage import check_coverage
         from tmpq_jax.quant.registry import build_registry
 
         c = self.config
@@ -99,7 +106,10 @@ class LoadedModel:
             (1, c.image_size, c.image_size, c.channels), jnp.float32
         )
         t = jax.ShapeDtypeStruct((1,), jnp.int32)
-        return build_registry(self.model, {"params": self.params}, x, t)
+        reg = build_registry(self.model, {"params": self.params}, x, t)
+        if check:
+            check_coverage(reg, self.keep_float)
+        return reg
 
     def noise(self, key: jax.Array, batch: int) -> jax.Array:
         c = self.config
@@ -121,12 +131,14 @@ class LoadedModel:
     def with_dtype(self, dtype: str) -> LoadedModel:
         if not isinstance(self.config, UNetConfig):
             raise UserError(
-                "--dtype / with_dtype is for the project's UNet; set your own "
-                "model's compute dtype in its module."
+                "with_dtype is for the project's UNet; set your own model's compute "
+                "dtype in its module."
             )
         cfg = dataclasses.replace(self.config, dtype=dtype)
         cfg.validate()
-        return LoadedModel(cfg, self.diffusion, self.params, self.card)
+        lm = LoadedModel(cfg, self.diffusion, self.params, self.card)
+        lm.source, lm.keep_float = self.source, self.keep_float
+        return lm
 
 
 def load_model(path: str | Path | None = None) -> LoadedModel:
@@ -141,7 +153,18 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
             f"{path}/card.json: missing or bad model config ({e}); re-export it."
         ) from None
     like = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return LoadedModel(cfg, diff, load_params(path, like), card)
+    lm = LoadedModel(cfg, diff, load_params(path, like), card)
+    lm.source = _relative(path)
+    return lm
+
+
+def _relative(path: Path) -> str:
+    from tmpq_jax.checkpoint import REPO_ROOT
+
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def sample(
@@ -155,7 +178,7 @@ def sample(
 ) -> np.ndarray:
     """`num` images in [-1, 1], float32 [num, H, W, C]. timesteps=None: DDPM (all T)."""
     if num < 1:
-        raise UserError(f"--num {num}: ask for at least one image.")
+        raise ArgumentError("num", f"{{arg}}={num}: ask for at least one image.")
     batch = min(batch_size, num)
     n_batches = -(-num // batch)
     out = []

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from tmpq_jax.checkpoint import CHECKPOINTS_DIR, REPO_ROOT
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import ArgumentError, UserError
 from tmpq_jax.genome_file import Genome, read_genome
 from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.quant.calibration_io import load_calibration, read_calibration_meta
@@ -39,7 +39,8 @@ class ServedModel(LoadedModel):
 
     def with_dtype(self, dtype: str) -> LoadedModel:
         raise UserError(
-            "the int8 model samples in float32; leave out --dtype with --genome."
+            "with_dtype: the int8 model of a genome samples in float32; sample it "
+            "without changing its dtype."
         )
 
 
@@ -57,8 +58,9 @@ def resolve_calibration(
     for t in tries:
         if t.is_dir():
             return t
-    raise UserError(
-        f"the genome's calibration {named!r} is not found; pass --calibration DIR."
+    raise ArgumentError(
+        "calibration",
+        f"the genome's calibration {named!r} is not found; pass {{arg}}=DIR.",
     )
 
 
@@ -67,20 +69,31 @@ def load_genome_model(
     checkpoint: str | os.PathLike | None = None,
     calibration: str | os.PathLike | None = None,
     model: LoadedModel | None = None,
+    model_spec: str | None = None,
 ) -> tuple[ServedModel, Genome]:
-    """Reads a genome file, loads the model (default: the shipped one; `model`: one
-    in hand, e.g. `LoadedModel.from_module`) and the calibration, refuses
+    """Reads a genome file, loads the model (the one in hand as `model`, e.g.
+    `LoadedModel.from_module`; else `checkpoint` or the factory `model_spec`; else
+    the one the genome names, or the shipped one) and the calibration, refuses
     mismatches, and CONVERTs: (ServedModel, Genome)."""
-    lm = model if model is not None else load_model(checkpoint)
+    from tmpq_jax.genome_file import _load_json
+    from tmpq_jax.user_model import load_source, resolve_model
+
+    if model is not None:
+        lm = model
+    elif checkpoint or model_spec:
+        lm = resolve_model(checkpoint, model_spec)
+    else:
+        lm = load_source(_load_json(Path(genome_path)).get("model")) or load_model()
+    fp = model_fingerprint(lm.card)
+    want = _load_json(Path(genome_path)).get("model_fingerprint")
+    if want is not None and want != fp:
+        raise ArgumentError(
+            "checkpoint",
+            f"{genome_path}: searched on model {want}, not this model ({fp}); "
+            "pass {arg}=DIR (or --model) of the model it was searched on.",
+        )
     reg: LayerRegistry = lm.layer_registry()
     genome = read_genome(genome_path, reg, num_timesteps=lm.diffusion.num_timesteps)
-    fp = model_fingerprint(lm.card)
-    want = genome.meta.get("model_fingerprint")
-    if want is not None and want != fp:
-        raise UserError(
-            f"{genome_path}: searched on model {want}, not this model ({fp}); "
-            "use the --checkpoint it was searched on."
-        )
     calib = resolve_calibration(
         genome.meta.get("calibration"), genome_path, calibration
     )

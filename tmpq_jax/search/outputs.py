@@ -31,6 +31,7 @@ from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.sampling import to_uint8
 from tmpq_jax.search import plots, sharding
 from tmpq_jax.search.engine import SearchState
+from tmpq_jax.search.run import RESULT_FILE
 from tmpq_jax.search.setup import NOISE_STREAM, Setup
 
 RESCORE_STREAM = 1  # folded into the noise key: rescoring never reuses fitness noise
@@ -148,6 +149,7 @@ def _genome_entry(setup: Setup, t: dict, i: int, **extra) -> dict:
         setup.run.search.candidates,
         calibration=_portable(setup.calibration_path),
         model_fingerprint=model_fingerprint(setup.lm.card),
+        model=getattr(setup.lm, "source", None),
         num_timesteps=setup.lm.diffusion.num_timesteps,
         **extra,
     )
@@ -217,7 +219,7 @@ def write_outputs(
         search=cfg.to_dict(),
         **provenance(_command()),
     )
-    write_genome(workdir / "result.json", result)
+    write_genome(workdir / RESULT_FILE, result)
     save_grid(to_uint8(best_images[:100]), workdir / "best_samples.png", nrow=10)
     plots.write_all(setup, t, mask, front, top[0], workdir)
     return result
