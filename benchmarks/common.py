@@ -28,9 +28,10 @@ def load_result(name: str) -> dict | None:
 
 
 def _command() -> str:
-    argv0 = Path(sys.argv[0])
-    if argv0.parent.name == "benchmarks":  # show the `python -m` form that was meant
-        head = f"python -m benchmarks.{argv0.stem}"
+    parts = Path(sys.argv[0]).resolve().with_suffix("").parts
+    if "benchmarks" in parts:  # show the `python -m` form that was meant
+        i = len(parts) - 1 - parts[::-1].index("benchmarks")
+        head = "python -m " + ".".join(parts[i:])
     else:
         head = f"python {shlex.quote(sys.argv[0])}"
     return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])

@@ -1,5 +1,5 @@
 """The search's population sharded over 1, 2, ... devices of one host: generation
-wall time and evaluations per second against the device count (issue [6/7]).
+wall time and evaluations per second against the device count.
 
 Each device count runs in its own process (`CUDA_VISIBLE_DEVICES` on a GPU host;
 forced host devices on a CPU), the paper protocol (`configs/fmnist_search.py`) for

@@ -1,4 +1,4 @@
-"""The search against the hardware and its own alternatives (issue [5/7]).
+"""The search against the hardware and its own alternatives.
 
 Every comparison's two sides are timed in this one process, on the shipped model
 and the paper protocol's shapes (S = 2000 samples a candidate, N = 10 steps):
@@ -132,7 +132,7 @@ def paths(setup, p: int, repeats) -> dict:
     work = assets.noise.shape[0] * problem.space.num_steps
     g = _genomes(setup, p, seed=1)
 
-    def per_step(a, genome):  # the pre-[5/7] fitness: quantized_apply every step
+    def per_step(a, genome):  # the earlier fitness: quantized_apply every step
         d = problem.space.decode(genome)
         eps = lambda x, t: quantized_apply(
             problem.model,

@@ -1,7 +1,8 @@
-"""Renders the README's tables from the JSON in benchmarks/results/ (no figure typed by hand).
+"""Renders the measured tables of the README and docs/ from the JSON in
+benchmarks/results/ (no figure typed by hand).
 
-python -m benchmarks.tables            # prints markdown
-python -m benchmarks.tables --readme   # rewrites the blocks between the markers in README.md
+python -m benchmarks.tables          # prints every block as markdown
+python -m benchmarks.tables --docs   # rewrites the blocks between their markers
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from benchmarks.common import RESULTS
 from benchmarks.common import load_result as _load
 from benchmarks.tables_perf import render_perf
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS_DOC = ROOT / "docs" / "results.md"
+PERF_DOC = ROOT / "docs" / "performance.md"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- summary:begin -->", "<!-- summary:end -->"
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 QUANT_BEGIN, QUANT_END = "<!-- quant_uniform:begin -->", "<!-- quant_uniform:end -->"
 PERF_BEGIN, PERF_END = "<!-- perf:begin -->", "<!-- perf:end -->"
@@ -348,31 +353,67 @@ def render() -> str:
     return "\n\n".join(parts)
 
 
+_SUMMARY = {
+    "fp": "full precision, quad steps",
+    "uniform": "uniform bits (the budget's), quad steps",
+    "precision": "precision-only search (quad steps)",
+    "timesteps": "timestep-only search (uniform bits)",
+    "random": "random search, same evaluations",
+    "joint": "**joint search** (timesteps + bits)",
+}
+
+
+def summary_table(d: dict) -> str:
+    """The README's table: each method's FID on 10k fresh samples at both budgets."""
+    gbitops = {r["budget"]: r["budget_bitops"] / 1e9 for r in d["rows"]}
+    budgets = sorted(gbitops, reverse=True)  # w6a6, w4a8
+    rows = lambda b, m: [r for r in d["rows"] if r["budget"] == b and r["method"] == m]
+    head = [f"FID, {b.upper()} budget ({gbitops[b]:.1f} GBitOPs)" for b in budgets]
+    out = ["| 10 DDIM steps | " + " | ".join(head) + " |"]
+    out.append("| --- |" + " --- |" * len(head))
+    for m, label in _SUMMARY.items():
+        fids = [[r["fid_10k"] for r in rows(b, m)] for b in budgets]
+        cells = [_mean_std(f) if f else "—" for f in fids]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + (
+        "\n\n*FID (FMNIST classifier features) of each method's best genome on 10k "
+        "fresh samples (mean ± standard deviation over seeds); every search spends "
+        "the same 810 evaluations; `benchmarks/results/search_table.json`, rendered "
+        "with its devices and commands in [docs/results.md](docs/results.md)*"
+    )
+
+
+def render_summary() -> str:
+    d = _load("search_table.json")
+    return summary_table(d) if d else "Not yet measured: `benchmarks.search_table`."
+
+
+def blocks() -> list[tuple[Path, str, str, object]]:
+    """Every rendered block: (file, begin marker, end marker, renderer)."""
+    return [
+        (README, SUMMARY_BEGIN, SUMMARY_END, render_summary),
+        (RESULTS_DOC, BEGIN, END, render),
+        (RESULTS_DOC, QUANT_BEGIN, QUANT_END, render_quant_uniform),
+        (PERF_DOC, PERF_BEGIN, PERF_END, render_perf),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--readme", action="store_true")
-    args = ap.parse_args()
-    blocks = [
-        (BEGIN, END, render()),
-        (QUANT_BEGIN, QUANT_END, render_quant_uniform()),
-        (PERF_BEGIN, PERF_END, render_perf()),
-    ]
-    if not args.readme:
-        print("\n\n".join(text for _, _, text in blocks))
+    docs = "rewrite the blocks in README.md and docs/ (--readme: the old name)"
+    ap.add_argument("--docs", "--readme", action="store_true", help=docs)
+    if not ap.parse_args().docs:
+        print("\n\n".join(render() for *_, render in blocks()))
         return
-    readme = README.read_text()
-    for begin, end, text in blocks:
-        block = f"{begin}\n{text}\n{end}"
-        if begin in readme:
-            readme = re.sub(
-                re.escape(begin) + ".*?" + re.escape(end),
-                lambda _, b=block: b,
-                readme,
-                flags=re.S,
-            )
-        else:
-            readme = readme.rstrip() + "\n\n" + block + "\n"
-    README.write_text(readme)
+    for path in dict.fromkeys(p for p, *_ in blocks()):
+        text = path.read_text()
+        for _, begin, end, fn in (b for b in blocks() if b[0] == path):
+            if begin not in text or end not in text:
+                raise SystemExit(f"{path}: the markers {begin} {end} are missing")
+            block = f"{begin}\n{fn()}\n{end}"
+            pattern = re.escape(begin) + ".*?" + re.escape(end)
+            text = re.sub(pattern, lambda _, b=block: b, text, flags=re.S)
+        path.write_text(text)
 
 
 if __name__ == "__main__":

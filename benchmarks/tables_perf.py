@@ -1,4 +1,4 @@
-"""The README's performance block: the targets, layouts, paths and sampling tables
+"""docs/performance.md's rendered block: the targets, layouts, paths and sampling tables
 of perf.json, and where the GPU's time goes (kernel_breakdown*.json)."""
 
 from __future__ import annotations
@@ -14,13 +14,8 @@ def _target(ok: bool) -> str:
 
 def perf_table(d: dict) -> str:
     """The issue's four targets, then layouts, paths, sample chunks and sampling."""
-    parts = [
-        _perf_targets(d),
-        _perf_layouts(d),
-        _perf_paths(d),
-        _perf_sample_chunks(d),
-        _perf_sampling(d),
-    ]
+    kinds = (_perf_targets, _perf_layouts, _perf_paths, _perf_sample_chunks)
+    parts = [f(d) for f in (*kinds, _perf_sampling)]
     chain = d.get("resumed_from") or []
     chain = chain if isinstance(chain, list) else [chain]
     src = [f"`{c}`" for c in [*chain, d["command"]]]
@@ -35,19 +30,10 @@ def perf_table(d: dict) -> str:
 
 
 def _perf_targets(d: dict) -> str:
-    wall, q, torch = (
-        d.get("paper_search_wall_s"),
-        d.get("quant_vs_fp_throughput"),
-        d.get("vs_torch_eager"),
-    )
-    frac, static = (
-        d.get("flops_fraction_of_bf16_ceiling"),
-        d.get("vs_static_aqt_recompile"),
-    )
-    out = [
-        "| target (one H100) | measured | |",
-        "| --- | --- | --- |",
-    ]
+    wall, q = d.get("paper_search_wall_s"), d.get("quant_vs_fp_throughput")
+    torch, frac = d.get("vs_torch_eager"), d.get("flops_fraction_of_bf16_ceiling")
+    static = d.get("vs_static_aqt_recompile")
+    out = ["| target (one H100) | measured | |", "| --- | --- | --- |"]
     if wall is not None:
         out.append(
             f"| paper-protocol search <= 10 min | {wall / 60:.1f} min | {_target(wall <= 600)} |"
@@ -328,7 +314,7 @@ def fused_norm_quant_text(d: dict) -> str | None:
     return (
         "GroupNorm + SiLU + the conv's int8 activation quantizer on the two parts "
         "alone, kernel µs, XLA's two passes / a fused Pallas-Triton kernel, one "
-        "program per sample (`benchmarks/fused_norm_quant.py`; settings: pallas_"
+        "program per sample (`benchmarks/experiments/fused_norm_quant.py`; settings: pallas_"
         "b<tile elements>_w<warps>_s<stages>, or blocks_g<groups>_b.._w..: one "
         "program per sample and block of groups) / one elementwise pass, float32 "
         f"in, int8 out (the floor): {'; '.join(rows)}.\n\n*{d['device']}, jax "
@@ -355,7 +341,7 @@ def render_perf() -> str:
     if d := _load("perf.json"):
         text = perf_table(d)
         if k := _load("kernel_breakdown.json"):
-            text += "\n\nWhere the GPU's time goes (`python -m benchmarks.kernel_breakdown`: "
+            text += "\n\nWhere the GPU's time goes (`python -m benchmarks.experiments.kernel_breakdown`: "
             text += "kernel time by kind, from a profiler trace):\n\n"
             text += kernel_table(k, d.get("bf16_ceiling_flops_per_s"))
         if (g := _load("kernel_breakdown_gnq.json")) and (

@@ -1,42 +1,49 @@
-"""The README's measured tables are exactly what benchmarks/results/*.json say."""
+"""The README and docs/: the measured tables are exactly what
+benchmarks/results/*.json say, and the README's Python example runs."""
 
 import json
+import re
+import runpy
+import time
+
+import pytest
 
 from benchmarks.quant_uniform import merge
-from benchmarks.tables import (
-    BEGIN,
-    END,
-    PERF_BEGIN,
-    PERF_END,
-    QUANT_BEGIN,
-    QUANT_END,
-    README,
-    quant_uniform_table,
-    render,
-    render_quant_uniform,
+from benchmarks.tables import README, ROOT, blocks, quant_uniform_table
+
+
+@pytest.mark.parametrize(
+    "path,begin,end,render", blocks(), ids=[b[3].__name__ for b in blocks()]
 )
-from benchmarks.tables_perf import render_perf
+def test_rendered_blocks_match_results_json(path, begin, end, render):
+    text = path.read_text()
+    block = text[text.index(begin) + len(begin) : text.index(end)].strip()
+    assert block == render().strip(), "run: python -m benchmarks.tables --docs"
 
 
-def _block(text: str, begin: str, end: str) -> str:
-    return text[text.index(begin) + len(begin) : text.index(end)].strip()
+def test_readme_is_short_and_docs_carry_no_tracker_numbers_or_hashes():
+    assert len(README.read_text().splitlines()) <= 250
+    for path in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        assert not re.search(r"\[\d+/\d+\]", text), f"{path}: a tracker number"
+        hashes = re.findall(
+            r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b", text
+        )
+        assert not hashes, f"{path}: commit hashes {hashes}"
 
 
-def test_readme_tables_match_results_json():
-    block = _block(README.read_text(), BEGIN, END)
-    assert block == render().strip(), "run: python -m benchmarks.tables --readme"
-
-
-def test_readme_uniform_precision_table_matches_results_json():
-    block = _block(README.read_text(), QUANT_BEGIN, QUANT_END)
-    assert block == render_quant_uniform().strip(), (
-        "run: python -m benchmarks.tables --readme"
-    )
-
-
-def test_readme_performance_table_matches_results_json():
-    block = _block(README.read_text(), PERF_BEGIN, PERF_END)
-    assert block == render_perf().strip(), "run: python -m benchmarks.tables --readme"
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's ```python block, as it stands, from a directory holding docs/
+    (its genome file); the shipped model and calibration come from the repo."""
+    (code,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (tmp_path / "docs").symlink_to(ROOT / "docs")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "example.py").write_text(code)
+    t0 = time.perf_counter()
+    scope = runpy.run_path(str(tmp_path / "example.py"))
+    assert (tmp_path / "best.png").is_file()
+    assert scope["images"].shape[1:] == (28, 28, 1)
+    print(f"README example: {time.perf_counter() - t0:.1f} s")
 
 
 def _part(command, calibration, fid, extra_rows=()):

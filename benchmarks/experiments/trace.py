@@ -4,7 +4,7 @@ Pure text/JSON functions, no device: `hlo_kinds` puts every HLO instruction in a
 (by its custom-call target, fusion kind and name, not its metadata), `hlo_bytes`
 gives the nominal bytes an instruction moves, `conv_operand_types` what element types
 the convolutions take, `kernel_events` picks a perfetto trace's device kernels and
-`breakdown` sums them per kind. Used by `benchmarks/kernel_breakdown.py`.
+`breakdown` sums them per kind. Used by `benchmarks/experiments/kernel_breakdown.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where the device's time goes: kernel time by kind, from a profiler trace (issue [5/7]).
+"""Where the device's time goes: kernel time by kind, from a profiler trace.
 
 Each program runs once to compile, then `--repeats` times under `jax.profiler.trace`;
 every kernel of the trace is put in one kind through the compiled HLO instruction it
@@ -27,7 +27,7 @@ of each kind. Programs, on the shipped model at the paper's shapes:
     elementwise pass (the floor a fused kernel reaches); `floor_bytes_per_s` is
     one read + one write over kernel time;
   * gnq_<res>_<xla|pallas|floor>: GroupNorm + SiLU + the conv's int8 activation
-    quantizer on the two parts (`benchmarks/norm_quant_programs.py`): XLA's two
+    quantizer on the two parts (`benchmarks/experiments/norm_quant_programs.py`): XLA's two
     passes (`reference`), the fused Pallas kernel (`fused`; interpreted off the
     GPU) and one elementwise pass writing int8, plus kernel settings named
     `gnq_<res>_pallas_b<tile>_w<warps>_s<stages>` or `gnq_<res>_blocks_g<groups>_
@@ -38,11 +38,11 @@ of each kind. Programs, on the shipped model at the paper's shapes:
     float32, and bf16 or int8 operands with float32 output: what the convolution
     kernels reach without the model's other work around them.
 
-  python -m benchmarks.kernel_breakdown                   # on the GPU
-  python -m benchmarks.kernel_breakdown --samples 136 --out /tmp/k.json  # CPU check
-  python -m benchmarks.kernel_breakdown --only conv_28_f32,conv_28_int8
-  python -m benchmarks.kernel_breakdown --only gnq_28_xla,gnq_28_pallas,gnq_28_floor
-  python -m benchmarks.kernel_breakdown --conv-types benchmarks/results/hlo/*.gz
+  python -m benchmarks.experiments.kernel_breakdown                   # on the GPU
+  python -m benchmarks.experiments.kernel_breakdown --samples 136 --out /tmp/k.json  # CPU check
+  python -m benchmarks.experiments.kernel_breakdown --only conv_28_f32,conv_28_int8
+  python -m benchmarks.experiments.kernel_breakdown --only gnq_28_xla,gnq_28_pallas,gnq_28_floor
+  python -m benchmarks.experiments.kernel_breakdown --conv-types benchmarks/results/hlo/*.gz
 
 Command buffers (CUDA graphs) are turned off, so every kernel shows in the trace.
 """
@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import RESULTS, provenance, time_fn, write_json
-from benchmarks.trace import (
+from benchmarks.experiments.trace import (
     breakdown,
     conv_operand_types,
     hlo_bytes,
@@ -250,7 +250,7 @@ def _programs(samples: int, only: set | None):
     if wanted("gn_"):
         progs.update(_norm_programs(samples))
     if wanted("gnq_"):
-        from benchmarks import norm_quant_programs
+        from benchmarks.experiments import norm_quant_programs
 
         progs.update(norm_quant_programs.programs(samples, CONV_SHAPES, only))
     return {k: v for k, v in progs.items() if not only or k in only}, steps
@@ -268,7 +268,7 @@ def _measure(name: str, amount: float, fn, args, repeats: int, hlo_dir) -> dict:
         row["floor_bytes"] = amount
         row["floor_bytes_per_s"] = amount / (row["busy_us"] * 1e-6)
         if name.startswith("gnq_") and not name.endswith(("_xla", "_floor")):
-            from benchmarks.norm_quant_programs import mismatch
+            from benchmarks.experiments.norm_quant_programs import mismatch
 
             row.update(mismatch(fn, *args))  # after (outside) the timed runs
         return row

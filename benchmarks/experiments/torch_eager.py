@@ -1,13 +1,13 @@
 """Ours vs the original's way: population evaluation in JAX vs PyTorch eager.
 
-  python -m benchmarks.torch_eager [--population 8 --samples 2000] [--repeats 2]
+  python -m benchmarks.experiments.torch_eager [--population 8 --samples 2000] [--repeats 2]
       [--extras channels_last,fp,fid,compile] [--parity-batch 16] [--parity-only]
       [--conv-dtype float32|bfloat16] [--torch-first] [--no-tf32]
       [--no-cudnn-benchmark] [--out-dir DIR]
 
 Needs PyTorch (the optional extra: `pip install -e .[bench]`; CI never installs it).
 Theirs: what a TMPQ-DM user would run instead of this project, the original's way:
-the same UNet with the same weights ported to PyTorch (`benchmarks/torch_unet.py`),
+the same UNet with the same weights ported to PyTorch (`benchmarks/experiments/torch_unet.py`),
 per-layer fake-quant modules whose bit-widths are Python attributes switched per
 candidate, the candidates evaluated one after another by an eager DDIM loop (N = 10
 steps on S samples each, under `torch.no_grad()`). Ours: the sampling part of the
@@ -63,7 +63,7 @@ import numpy as np
 from flax import traverse_util
 
 from benchmarks.common import provenance, write_json
-from benchmarks.quant_sensitivity import make_eps_fn
+from benchmarks.experiments.quant_sensitivity import make_eps_fn
 from tmpq_jax.diffusion.samplers import ddim_sample
 from tmpq_jax.metrics import REF_STATS_FILE, load_feature_net, load_reference_stats
 from tmpq_jax.quant import load_calibration, quantized_apply, unet_registry
@@ -91,7 +91,7 @@ def _import_torch():
         import torch
     except ImportError:
         sys.exit(
-            "benchmarks/torch_eager.py needs PyTorch: pip install -e .[bench] "
+            "benchmarks/experiments/torch_eager.py needs PyTorch: pip install -e .[bench] "
             "(the optional extra; not installed by CI)"
         )
     return torch
@@ -506,7 +506,7 @@ def main() -> None:
     jax_dev = jax.devices()[0]  # initialises JAX's backend (and its CUDA libraries)
     if not args.torch_first:
         torch = _import_torch()
-    from benchmarks import torch_unet as tu
+    from benchmarks.experiments import torch_unet as tu
 
     on_gpu = jax_dev.platform == "gpu"
     device = torch.device("cuda" if on_gpu else "cpu")

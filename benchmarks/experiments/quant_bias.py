@@ -10,7 +10,7 @@ grey, which FID punishes), a positive one darkens it (clipped at -1, nearly free
 With a bias-corrected calibration (`bias_correction.py`) every width is measured
 twice, without and with the stored corrections (`bias_corrected` in each row).
 
-  python -m benchmarks.quant_bias [--samples 64] [--calibration DIR]
+  python -m benchmarks.experiments.quant_bias [--samples 64] [--calibration DIR]
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ sample: it reads the sample once for the statistics and once more to normalize
 (a sample is at most a few hundred KiB, so the second read should mostly hit L2;
 loads are hinted evict_last, then evict_first), writing int8: 5 B per element.
 `reference` is the same function in plain JAX (the model's own modules): XLA's
-two passes. Measured prototypes (`python -m benchmarks.kernel_breakdown --only
+two passes. Measured prototypes (`python -m benchmarks.experiments.kernel_breakdown --only
 gnq_...`), not used by the model: on an H100 neither `fused` nor `fused_blocks` (one
 program per sample and block of whole groups) beats XLA at 28x28, where the bytes
 are (336 us at best against XLA's 340, one elementwise pass 161); they win at 14x14
-and 7x7 (benchmarks/results/kernel_breakdown_gnq.json). `reference` is exact
-against the model's path (tests/test_fused_norm_quant.py): the test bed a faster
-kernel would be checked on.
+and 7x7 (benchmarks/results/kernel_breakdown_gnq.json). `reference` is meant to be
+exact against the model's path: the test bed a faster kernel would be checked on
+(no test in tests/ covers these experiments).
 
 Numerics: statistics as `models.norm.GroupNorm` (float32 E[x^2] - E[x]^2 clipped at
 0, eps 1e-6; only the summation order differs), SiLU as `nn.silu`, quantizer as AQT's

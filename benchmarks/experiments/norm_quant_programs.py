@@ -1,4 +1,4 @@
-"""The `gnq_*` programs `benchmarks/kernel_breakdown.py` times: GroupNorm + SiLU + the
+"""The `gnq_*` programs `benchmarks/experiments/kernel_breakdown.py` times: GroupNorm + SiLU + the
 conv's int8 activation quantizer on a skip concatenation's two parts, as XLA's
 passes (`fused_norm_quant.reference`), the fused Pallas kernels (`fused`,
 `fused_blocks`, with knob variants swept by name) and the floor (one elementwise
@@ -12,7 +12,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from benchmarks.fused_norm_quant import fused, fused_blocks, reference
+from benchmarks.experiments.fused_norm_quant import fused, fused_blocks, reference
 from tmpq_jax.models.norm import concat
 
 GNQ_GROUPS, GNQ_BOUND, GNQ_BITS = 8, 3.0, 8  # the UNet's groups; an 8-bit quantizer

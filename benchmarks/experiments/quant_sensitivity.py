@@ -1,6 +1,6 @@
 """How far the quantized eps is from full precision: uniform widths, per layer, per t.
 
-  python -m benchmarks.quant_sensitivity [--checkpoint DIR] [--calib DIR]
+  python -m benchmarks.experiments.quant_sensitivity [--checkpoint DIR] [--calib DIR]
       [--timesteps 20 --samples 8 --seed 1234] [--fid-samples 2000 (0: none)]
       [--fid-float-seeds 0,1,2] [--fid-configs 3] [--no-layers]
 

@@ -1,6 +1,6 @@
 """The shipped UNet ported to PyTorch, with fake-quant modules in the original's style.
 
-Benchmark-only (`benchmarks/torch_eager.py`; needs the optional `[bench]` extra): the
+Benchmark-only (`benchmarks/experiments/torch_eager.py`; needs the optional `[bench]` extra): the
 baseline a TMPQ-DM user would have, i.e. the PyTorch original's way (TMPQ-DM builds on
 the Q-Diffusion / BRECQ code base): every conv / linear / attention matmul is a module
 holding a weight quantizer and an activation quantizer whose bit-widths are plain
