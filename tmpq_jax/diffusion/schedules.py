@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import ArgumentError, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,9 @@ def make_noise_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
 
 def _check_steps(num_steps: int, num_timesteps: int) -> None:
     if not 1 <= num_steps <= num_timesteps:
-        raise UserError(
-            f"--steps {num_steps}: use 1 to {num_timesteps} sampling steps."
+        raise ArgumentError(
+            "num_steps",
+            f"{{arg}}={num_steps}: use 1 to {num_timesteps} sampling steps.",
         )
 
 

@@ -4,7 +4,9 @@ The host only logs, draws the progress bar and saves: each generation is one cal
 of the compiled program (no per-candidate round trip). Orbax checkpoints the whole
 `SearchState` after every generation; rerunning the same command resumes from the
 latest one and ends with exactly the result of an uninterrupted run. A workdir
-holding another search is refused, naming the keys that differ.
+holding another search is refused, naming the keys that differ. Rerunning a
+finished search returns its `result.json` as it is (`rescore=True` re-scores it
+and rewrites the outputs).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tmpq_jax.search.engine import SearchState
 from tmpq_jax.search.setup import Setup, prepare, prepare_model
 
 LOG_FILE = "search_log.jsonl"
+RESULT_FILE = "result.json"
 
 
 def signature(setup: Setup) -> dict:
@@ -188,16 +191,47 @@ def run_generations(
     return state
 
 
+def finished_result(setup: Setup, workdir: str | Path) -> dict | None:
+    """The `result.json` of this very search if `workdir` holds it finished: every
+    generation checkpointed with this search's signature (model, calibration,
+    feature net, config) and the outputs written with this exact config (so a
+    changed `rescore_*` key re-scores). Else None."""
+    workdir = Path(workdir)
+    try:
+        result = json.loads((workdir / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = setup.run.search
+    if not isinstance(result, dict) or result.get("search") != cfg.to_dict():
+        return None
+    if not (workdir / "checkpoints").is_dir():
+        return None
+    ckpts = TrainCheckpoints(workdir / "checkpoints")
+    try:
+        if ckpts.latest_step() != cfg.generations:
+            return None
+        saved = ckpts.restore_meta(cfg.generations)
+    except UserError:
+        return None  # the run itself says what is wrong with the checkpoint
+    finally:
+        ckpts.close()
+    return None if _diff(signature(setup), saved.get("signature", {})) else result
+
+
 def search(
     run: SearchRunConfig,
     workdir: str | Path,
     progress: bool = True,
     outputs: bool = True,
     model: LoadedModel | None = None,
+    rescore: bool = False,
 ) -> dict:
-    """The whole job: prepare, run (or resume) the generations, write the outputs.
-    `model`: search this one instead of `run.model` (e.g. your own linen model,
-    `LoadedModel.from_module`; see `prepare_model`)."""
+    """The whole job: prepare, run (or resume) the generations, write the outputs;
+    returns the result (`result.json`'s contents). `model`: search this one instead
+    of `run.model` (e.g. your own linen model, `LoadedModel.from_module`; see
+    `prepare_model`). A search `workdir` already holds finished is not run again:
+    its result comes back as written, with `"reused": True` added (not in the file);
+    `rescore=True` re-scores its top genomes and rewrites the outputs."""
     from tmpq_jax.search.outputs import write_outputs
 
     workdir = Path(workdir)
@@ -206,6 +240,10 @@ def search(
         setup = prepare(run, workdir, progress)
     else:
         setup = prepare_model(run, model, workdir, progress=progress)
+    if outputs and not rescore:
+        done = finished_result(setup, workdir)
+        if done is not None:
+            return {**done, "reused": True}
     state = run_generations(setup, workdir, progress)
     if not outputs:
         return {}
