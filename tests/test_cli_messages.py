@@ -20,11 +20,14 @@ def test_library_errors_name_arguments(tmp_path):
     assert e.value.arg == "calibration" and isinstance(e.value, UserError)
 
 
-def test_errors_with_braces_in_values_survive_renaming():
-    e = ArgumentError("num", "{arg}={'a': 1}: no.")
+def test_renaming_names_every_argument_it_knows():
+    e = ArgumentError("checkpoint", "pass {arg}=DIR (or {model_spec}=F), not {'a': 1}.")
+    assert str(e) == "pass checkpoint=DIR (or model_spec=F), not {'a': 1}."
+    flags = {"checkpoint": "--checkpoint", "model_spec": "--model"}
     assert (
-        str(e) == "num={'a': 1}: no." and str(e.renamed("--n")) == "--n={'a': 1}: no."
+        str(e.renamed(flags)) == "pass --checkpoint=DIR (or --model=F), not {'a': 1}."
     )
+    assert str(e.renamed({})) == str(e) and e.renamed(flags).arg == "checkpoint"
 
 
 @pytest.mark.parametrize(

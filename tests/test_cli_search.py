@@ -55,3 +55,43 @@ def test_compilation_cache_directory_and_switches(tmp_path):
         assert got == tmp_path / "c"
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_search_help_lists_the_config_keys(capsys):
+    from tmpq_jax.search import SearchConfig
+
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for key in SearchConfig().to_dict():
+        assert f"--config.search.{key}=" in out, key
+    assert "--config.search.population=50\n" in out
+    assert "--config.search.candidates=(8,7,6,5)" in out
+    assert "--config.calibration=None" in out and "--rescore" in out
+
+
+def test_rerunning_a_finished_search_only_prints_it(tmp_path, capsys, monkeypatch):
+    asked = []
+
+    def search(run, workdir, progress=True, rescore=False, model=None):
+        asked.append(rescore)
+        return {
+            "rescored": {"fid": 1.0, "num_samples": 512},
+            "fid_search": 1.5,
+            "search_samples": 256,
+            "total_bitops": 1e9,
+            "budget_bitops": 2e9,
+            "timesteps": [0, 500],
+            **({} if rescore else {"reused": True}),
+        }
+
+    monkeypatch.setattr("tmpq_jax.search.search", search)
+    args = ["search", "--config", CPU, "--workdir", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert "nothing run" in out and str(tmp_path / "result.json") in out
+    assert "--rescore" in out
+    assert main([*args, "--rescore"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("wrote ")
+    assert asked == [False, True]

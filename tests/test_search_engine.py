@@ -52,6 +52,8 @@ def tiny_parts(tiny_cfg, tiny_params):
         sqrt_sigma_test=sqrtm_psd64(sig),
         features_test=f.astype(np.float32),
     )
+    # The fitness reads the train split's statistics (here the same images).
+    stats.update({k.replace("_test", "_train"): v for k, v in stats.items()})
     return lm, unet_registry(tiny_cfg), net, stats
 
 
@@ -172,6 +174,29 @@ def test_outputs(setup, full_run):
         )
     with np.load(wd / "archive.npz") as z:
         assert z["genomes"].shape == (10, setup.space.num_genes)
+
+
+def test_a_finished_search_is_not_rerun(parts, setup, full_run, monkeypatch):
+    """Rerunning a finished search returns its result.json untouched; rescore=True
+    (`tmpq search --rescore`) re-scores and rewrites it."""
+    from tmpq_jax.search import run as run_lib
+
+    wd, state = full_run
+    if not (wd / "result.json").exists():  # test_outputs wrote them, if it ran
+        write_outputs(setup, state, wd, progress=False)
+    written = json.loads((wd / "result.json").read_text())
+    assert run_lib.finished_result(setup, wd) == written
+    # outputs of another config (a re-scoring key), or another search: not finished
+    assert run_lib.finished_result(make_setup(parts, rescore_samples=32), wd) is None
+    assert run_lib.finished_result(make_setup(parts, mutation_prob=0.5), wd) is None
+    assert run_lib.finished_result(setup, wd / "elsewhere") is None
+    monkeypatch.setattr(run_lib, "prepare", lambda run, workdir, progress: setup)
+    before = (wd / "result.json").stat().st_mtime_ns
+    assert run_lib.search(setup.run, wd, progress=False) == {**written, "reused": True}
+    assert (wd / "result.json").stat().st_mtime_ns == before
+    again = run_lib.search(setup.run, wd, progress=False, rescore=True)
+    assert "reused" not in again and again["rescored"] == written["rescored"]
+    assert (wd / "result.json").stat().st_mtime_ns != before
 
 
 def test_a_chunk_size_cudnn_rejects_is_a_user_error():

@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
             "num": "--num",
             "calibration": "--calibration",
             "checkpoint": "--checkpoint",
+            "model_spec": "--model",
         },
     )
 
@@ -445,16 +446,25 @@ def build_parser() -> argparse.ArgumentParser:
 _CONFIG_KEYS = object()  # `tmpq search --help`'s epilog, made when printed
 
 
-class _SearchHelp(argparse.RawDescriptionHelpFormatter):
-    """Ends `tmpq search --help` with the config keys; they are read from the
-    dataclasses only when help is printed (importing them imports JAX)."""
+class _SearchHelp(argparse.HelpFormatter):
+    """Ends `tmpq search --help` with the config keys, one a line; they are read
+    from the dataclasses only when help is printed (importing them imports JAX)."""
+
+    _keys = None
 
     def add_text(self, text):
-        super().add_text(_config_keys_help() if text is _CONFIG_KEYS else text)
+        if text is _CONFIG_KEYS:
+            text = self._keys = _config_keys_help()
+        super().add_text(text)
+
+    def _fill_text(self, text, width, indent):
+        if text is self._keys:  # a table: not refilled
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
 
 
 def _field_notes(cls) -> dict[str, str]:
-    """The comments on each field's lines of a dataclass's source ({} if none)."""
+    """The comment on each field's lines of a dataclass's source ({} if none)."""
     import ast
     import inspect
     import io
@@ -482,24 +492,38 @@ def _field_notes(cls) -> dict[str, str]:
 
 
 def _config_keys_help() -> str:
+    """Every key of a search config file with its default, from the dataclasses."""
     import dataclasses
 
+    from tmpq_jax.search import config as search_config
     from tmpq_jax.search.config import SearchConfig, SearchRunConfig
 
-    rows = []
-    for cls, prefix in ((SearchRunConfig, ""), (SearchConfig, "search.")):
-        notes = _field_notes(cls)
-        for f in dataclasses.fields(cls):
-            if f.default is dataclasses.MISSING:
-                continue  # `search`: the keys below
-            v = f.default
-            v = f"({','.join(map(str, v))})" if isinstance(v, tuple) else v
-            rows.append((f"--config.{prefix}{f.name}={v}", notes.get(f.name, "")))
+    def shown(v):
+        if isinstance(v, tuple | list):
+            return f"({','.join(map(str, v))}{',' if len(v) == 1 else ''})"
+        return v
+
+    run_keys = {}
+    for f in dataclasses.fields(SearchRunConfig):
+        if f.name != "search" and f.default is not dataclasses.MISSING:
+            run_keys[f.name] = f.default
+        elif f.name != "search" and f.default_factory is not dataclasses.MISSING:
+            run_keys[f.name] = f.default_factory()
+    notes = {}
+    # The settings may be fields of SearchConfig or of its groups.
+    groups = getattr(search_config, "GROUPS", {})
+    for cls in (SearchRunConfig, SearchConfig, *groups.values()):
+        notes.update(_field_notes(cls))
+    rows = [(f"--config.{k}={shown(v)}", notes.get(k, "")) for k, v in run_keys.items()]
+    rows += [
+        (f"--config.search.{k}={shown(v)}", notes.get(k, ""))
+        for k, v in SearchConfig().to_dict().items()
+    ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(
         [
-            "config keys (--config.KEY=VALUE; shown with the defaults of SearchConfig,",
-            "the paper's protocol, which the --config file may change):",
+            "config keys, set with --config.KEY=VALUE (shown at their defaults, the",
+            "paper's protocol; the --config file may set others):",
             *(f"  {k:<{width}}  {note}".rstrip() for k, note in rows),
         ]
     )
@@ -557,9 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, overrides)
     except UserError as e:
-        flags = getattr(args, "arg_flags", {})
-        if isinstance(e, ArgumentError) and e.arg in flags:
-            e = e.renamed(flags[e.arg])  # the library's argument, as this flag
+        if isinstance(e, ArgumentError):  # the library's arguments, as flags
+            e = e.renamed(getattr(args, "arg_flags", {}))
         print(f"tmpq {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

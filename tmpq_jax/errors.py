@@ -2,6 +2,7 @@
 and the key check every config dataclass uses at its boundary."""
 
 import dataclasses
+import re
 from collections.abc import Mapping
 
 
@@ -10,17 +11,31 @@ class UserError(Exception):
 
 
 class ArgumentError(UserError):
-    """A bad argument of a library function, named as the function names it:
-    `text` holds `{arg}` where the argument goes (`"{arg}=0: use 1 to 1000."` reads
-    `num_steps=0: use 1 to 1000.`). A front end that calls the argument otherwise
-    rewords it with `renamed` (the CLI: `--steps=0: use 1 to 1000.`)."""
+    """A bad argument of a library function, named as the function names it.
+    `text` holds `{arg}` where this argument goes, and `{name}` where another
+    argument is named (`"{arg}=0: use 1 to 1000."` reads `num_steps=0: use 1 to
+    1000.`). A front end that calls arguments otherwise rewords the message with
+    `renamed` (the CLI: `--steps=0: use 1 to 1000.`)."""
 
     def __init__(self, arg: str, text: str):
         self.arg, self.text = arg, text
-        super().__init__(text.replace("{arg}", arg))
+        super().__init__(self._words({}))
 
-    def renamed(self, name: str) -> "ArgumentError":
-        return ArgumentError(name, self.text)
+    def _words(self, names: Mapping[str, str]) -> str:
+        def name(m):
+            key = self.arg if m[1] == "arg" else m[1]
+            return names.get(key, key)
+
+        return re.sub(r"\{(\w+)\}", name, self.text)
+
+    def renamed(self, names: str | Mapping[str, str]) -> "ArgumentError":
+        """The same error, its arguments named by `names` (a name for this one, or
+        {argument: name}); arguments it does not name keep their own names."""
+        if isinstance(names, str):
+            names = {self.arg: names}
+        err = ArgumentError(self.arg, self.text)
+        err.args = (self._words(names),)
+        return err
 
 
 def check_keys(cls: type, d: Mapping, what: str) -> None:

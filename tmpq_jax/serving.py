@@ -90,7 +90,8 @@ def load_genome_model(
         raise ArgumentError(
             "checkpoint",
             f"{genome_path}: searched on model {want}, not this model ({fp}); "
-            "pass {arg}=DIR (or --model) of the model it was searched on.",
+            "pass {arg}=DIR (or {model_spec}=FILE.py:FACTORY) of the model it was "
+            "searched on.",
         )
     reg: LayerRegistry = lm.layer_registry()
     genome = read_genome(genome_path, reg, num_timesteps=lm.diffusion.num_timesteps)
