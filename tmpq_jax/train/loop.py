@@ -1,23 +1,92 @@
-"""The host training loop: progress bar, loss log, orbax checkpoints, resume, export."""
+"""The host training loop: progress bar, loss log, orbax checkpoints, resume, export.
+
+The objective follows the config: an `ExperimentConfig` (UNet, DDPM schedule)
+trains eps-prediction; a `FlowExperimentConfig` (DiT, `flow` section) trains
+velocity-prediction by flow matching. `experiment_config(cd)` builds whichever a
+ConfigDict describes (one with a `flow` section is a flow config).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from tmpq_jax.checkpoint import TrainCheckpoints, save_model
-from tmpq_jax.config import ExperimentConfig
-from tmpq_jax.data import load_dataset
+from tmpq_jax.config import DataConfig, ExperimentConfig, TrainConfig
+from tmpq_jax.data import data_fingerprint, load_dataset
+from tmpq_jax.diffusion.flow import FlowConfig
 from tmpq_jax.diffusion.schedules import make_noise_schedule
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import UserError, check_keys
+from tmpq_jax.models.dit import DiT, DiTConfig
 from tmpq_jax.models.unet import UNet, check_channels, count_params
-from tmpq_jax.train.step import create_train_state, make_train_steps
+from tmpq_jax.train.step import (
+    create_train_state,
+    make_flow_train_steps,
+    make_train_steps,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowExperimentConfig:
+    """A DiT trained by flow matching (configs/fmnist_dit.py)."""
+
+    model: DiTConfig
+    flow: FlowConfig
+    data: DataConfig
+    train: TrainConfig
+
+    @classmethod
+    def from_configdict(cls, cd: Any) -> FlowExperimentConfig:
+        d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+        check_keys(cls, d, "the flow config")
+        for section, klass in (("data", DataConfig), ("train", TrainConfig)):
+            check_keys(klass, d.get(section, {}), f"config.{section}")
+        return cls(
+            model=DiTConfig.from_dict(d.get("model", {})),
+            flow=FlowConfig.from_dict(d.get("flow", {})),
+            data=DataConfig(**d.get("data", {})),
+            train=TrainConfig(**d.get("train", {})),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def experiment_config(cd: Any) -> ExperimentConfig | FlowExperimentConfig:
+    """The typed config a ConfigDict describes: flow matching when it has a `flow`
+    section, else the UNet's eps training."""
+    if "flow" in cd:
+        return FlowExperimentConfig.from_configdict(cd)
+    return ExperimentConfig.from_configdict(cd)
+
+
+def _labels(data, cfg: FlowExperimentConfig) -> np.ndarray:
+    """The training labels of a flow run, checked against the model's label set."""
+    k = cfg.model.num_classes
+    if k == 0:  # unconditional: a placeholder the step never reads
+        return np.zeros(len(data), np.int32)
+    if data.labels is None:
+        raise UserError(
+            f"{cfg.data.name}: no labels, but the DiT is class-conditional "
+            f"(num_classes={k}); add `labels` to the data or set "
+            "--config.model.num_classes=0."
+        )
+    labels = np.asarray(data.labels, np.int32)
+    if labels.min() < 0 or labels.max() >= k:
+        raise UserError(
+            f"{cfg.data.name}: labels span {labels.min()}..{labels.max()} but the "
+            f"model has {k} classes; set --config.model.num_classes."
+        )
+    return labels
+
 
 # Keys that may change between runs of one training: its length, how often it
 # saves, and where the (same) data lies.
@@ -53,7 +122,11 @@ def _check_resumable(meta: dict, cfg: ExperimentConfig, workdir: Path) -> None:
         )
 
 
-def train(cfg: ExperimentConfig, workdir: str | Path, progress: bool = True) -> dict:
+def train(
+    cfg: ExperimentConfig | FlowExperimentConfig,
+    workdir: str | Path,
+    progress: bool = True,
+) -> dict:
     """Trains (or resumes) to cfg.train.num_steps; exports EMA params to workdir/model."""
     workdir = Path(workdir)
     tc = cfg.train
@@ -64,7 +137,11 @@ def train(cfg: ExperimentConfig, workdir: str | Path, progress: bool = True) -> 
             f"data is {data.images.shape[1]}x{data.images.shape[2]} but the model takes "
             f"{cfg.model.image_size}x{cfg.model.image_size}; set --config.model.image_size."
         )
-    model, sched = UNet(cfg.model), make_noise_schedule(cfg.diffusion)
+    flow = isinstance(cfg, FlowExperimentConfig)
+    if flow:
+        model, labels = DiT(cfg.model), jax.device_put(_labels(data, cfg))
+    else:
+        model, sched = UNet(cfg.model), make_noise_schedule(cfg.diffusion)
     key = jax.random.key(tc.seed)
     k_init, k_train = jax.random.split(key)
     state = create_train_state(k_init, cfg.model, tc)
@@ -75,7 +152,11 @@ def train(cfg: ExperimentConfig, workdir: str | Path, progress: bool = True) -> 
         state, meta = ckpts.restore(latest, state)
         wall = float(meta.get("wall_s", 0.0))
     images = jax.device_put(data.images)
-    train_steps = make_train_steps(model, sched, tc)
+    if flow:
+        flow_steps = make_flow_train_steps(model, cfg.flow, tc)
+        train_steps = lambda s, im, k, n: flow_steps(s, im, labels, k, n)
+    else:
+        train_steps = make_train_steps(model, sched, tc)
     step = int(state.step)
     log_path = workdir / "train_log.jsonl"
     bar = tqdm(
@@ -117,13 +198,19 @@ def train(cfg: ExperimentConfig, workdir: str | Path, progress: bool = True) -> 
         ckpts.close()
     wall += time.perf_counter() - t0
     card = {
-        "kind": "tmpq_jax.UNet eps-prediction, EMA params",
+        "kind": "tmpq_jax.DiT velocity-prediction (flow matching), EMA params"
+        if flow
+        else "tmpq_jax.UNet eps-prediction, EMA params",
+        "prediction": "velocity" if flow else "eps",
         "config": cfg.to_dict(),
         "steps": step,
         "params": count_params(state.ema_params),
         "data": cfg.data.name
         if cfg.data.name != "fmnist"
         else "Fashion-MNIST train (60k)",
+        # Names the images trained on: a feature net made from other data is
+        # refused for this model (metrics.feature_net.check_model_data).
+        "data_fingerprint": data_fingerprint(data.images),
         "date": datetime.date.today().isoformat(),
         "device": jax.devices()[0].device_kind,
         "train_wall_s_this_run": round(time.perf_counter() - t0, 1),

@@ -1,6 +1,7 @@
 """The pure training step: DDPM epsilon loss, AdamW with warmup, EMA of the params.
 
-`make_train_steps` returns a jitted function running `n` steps in one `lax.scan`
+`make_train_steps` (the UNet's eps objective) and `make_flow_train_steps` (the
+flow-matching velocity objective of `diffusion/flow.py`, with labels) return a jitted function running `n` steps in one `lax.scan`
 with the whole dataset on device. Each step's randomness is `fold_in(key, step)`,
 so the result depends only on the step count, never on how steps were split into
 calls: resuming from a checkpoint reproduces an uninterrupted run exactly.
@@ -17,7 +18,9 @@ import optax
 from flax import struct
 
 from tmpq_jax.config import TrainConfig
+from tmpq_jax.diffusion.flow import FlowConfig, flow_loss
 from tmpq_jax.diffusion.schedules import NoiseSchedule
+from tmpq_jax.models import dit
 from tmpq_jax.models.unet import UNetConfig, init_params
 
 
@@ -43,9 +46,12 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def create_train_state(
-    key: jax.Array, model_cfg: UNetConfig, train_cfg: TrainConfig
+    key: jax.Array, model_cfg: UNetConfig | dit.DiTConfig, train_cfg: TrainConfig
 ) -> TrainState:
-    params = init_params(model_cfg, key)
+    if isinstance(model_cfg, dit.DiTConfig):
+        params = dit.init_params(model_cfg, key)
+    else:
+        params = init_params(model_cfg, key)
     opt_state = make_optimizer(train_cfg).init(params)
     ema = jax.tree.map(jnp.copy, params)  # distinct buffers: the state is donated
     return TrainState(jnp.zeros((), jnp.int32), params, ema, opt_state)
@@ -64,6 +70,22 @@ def ddpm_loss(
     return jnp.mean((pred - eps) ** 2)
 
 
+def _apply_grads(
+    state: TrainState, grads, tx: optax.GradientTransformation, cfg: TrainConfig
+) -> TrainState:
+    """One optimizer update, the EMA and the step count (every objective's)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # EMA warm-up (as in many DDPM codebases): early on, track the params closely.
+    decay = jnp.minimum(cfg.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = jax.tree.map(
+        lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
+    )
+    return state.replace(
+        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state
+    )
+
+
 def make_train_steps(model: nn.Module, sched: NoiseSchedule, cfg: TrainConfig):
     """-> jitted `fn(state, images_u8, key, n) -> (state, losses[n])`, n static."""
     tx = make_optimizer(cfg)
@@ -77,22 +99,46 @@ def make_train_steps(model: nn.Module, sched: NoiseSchedule, cfg: TrainConfig):
         loss, grads = jax.value_and_grad(ddpm_loss)(
             state.params, model, sched, x0, k_loss
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # EMA warm-up (as in many DDPM codebases): early on, track the params closely.
-        decay = jnp.minimum(cfg.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        ema = jax.tree.map(
-            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
-        )
-        new = state.replace(
-            step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state
-        )
-        return (new, images, key), loss
+        return (_apply_grads(state, grads, tx, cfg), images, key), loss
 
     @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
     def train_steps(state: TrainState, images: jax.Array, key: jax.Array, n: int):
         (state, _, _), losses = jax.lax.scan(
             one_step, (state, images, key), None, length=n
+        )
+        return state, losses
+
+    return train_steps
+
+
+def make_flow_train_steps(model: nn.Module, flow: FlowConfig, cfg: TrainConfig):
+    """-> jitted `fn(state, images_u8, labels, key, n) -> (state, losses[n])`.
+
+    The flow-matching objective for a `DiT`; `labels` int32[N] (ignored by an
+    unconditional model: pass any array of the images' length). Same batching,
+    keys (fold_in(key, step)) and update as `make_train_steps`, so resuming is
+    exact here too.
+    """
+    tx = make_optimizer(cfg)
+    mcfg = model.config
+    null = mcfg.null_label if mcfg.conditional else None
+
+    def one_step(carry, _):
+        state, images, labels, key = carry
+        k = jax.random.fold_in(key, state.step)
+        k_idx, k_loss = jax.random.split(k)
+        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, images.shape[0])
+        x0 = images[idx].astype(jnp.float32) / 127.5 - 1.0
+        y = labels[idx] if mcfg.conditional else None
+        loss, grads = jax.value_and_grad(flow_loss)(
+            state.params, model, flow, x0, y, k_loss, null
+        )
+        return (_apply_grads(state, grads, tx, cfg), images, labels, key), loss
+
+    @functools.partial(jax.jit, static_argnums=4, donate_argnums=0)
+    def train_steps(state, images, labels, key, n: int):
+        (state, *_), losses = jax.lax.scan(
+            one_step, (state, images, labels, key), None, length=n
         )
         return state, losses
 
