@@ -1,6 +1,5 @@
 """The STE fake-quant and block reconstruction (learned step sizes) on the tiny UNet."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +18,7 @@ from tmpq_jax.quant import calibration as qc
 from tmpq_jax.quant import calibration_io as qio
 from tmpq_jax.quant import numerics as qn
 from tmpq_jax.quant import reconstruction as rc
+from tmpq_jax.quant.intercept import intercept
 from tmpq_jax.sampling import LoadedModel
 
 pytestmark = pytest.mark.filterwarnings(  # AQT 0.9.0 calls jnp.promote_types on arrays
@@ -125,7 +125,7 @@ def captured(recon):
 
 @pytest.mark.parametrize("name", ["down_1_res_0", "down_1_attn_0", "up_0_res_0"])
 def test_ste_path_quantizes_what_the_supernet_quantizes(recon, captured, name):
-    """A block through the STE interceptor matches the same block through
+    """A block through the STE handler matches the same block through
     `quantized_apply` (AQT) up to float accumulation order."""
     reg, qp = recon["reg"], recon["qp"]
     (block,) = [b for b in recon["blocks"] if b.name == name]
@@ -148,8 +148,8 @@ def test_ste_path_quantizes_what_the_supernet_quantizes(recon, captured, name):
 
     @jax.jit
     def both(theta, width):  # one compile for every width
-        icpt = rc._ste_interceptor((), block_reg, local.layers, theta, width, pinned)
-        with nn.intercept_methods(icpt):
+        handler = rc._ste_handler((), block_reg, local.layers, theta, width, pinned)
+        with intercept(handler):
             out = module.apply(v, *inputs)
         n = len(block_reg)
         aqt = quantized_apply(

@@ -127,13 +127,23 @@ def cmd_train_classifier(args, overrides) -> int:
         data_dir=args.data_dir,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        data=args.data or "fmnist",
     )
-    print(f"test accuracy {card['test_accuracy']:.4f}; wrote {card['workdir']}")
+    if card["objective"] == "labels":
+        score = f"test accuracy {card['test_accuracy']:.4f}"
+    else:
+        score = f"held-out pair accuracy {card['test_pair_accuracy']:.4f} (SimCLR)"
+    print(f"{score}; wrote {card['workdir']}")
     return 0
 
 
 def cmd_eval(args, overrides) -> int:
-    from tmpq_jax.evaluation import Evaluator, evaluate_model, format_report
+    from tmpq_jax.evaluation import (
+        Evaluator,
+        default_eval_nets,
+        evaluate_model,
+        format_report,
+    )
     from tmpq_jax.files import write_json
     from tmpq_jax.provenance import provenance
     from tmpq_jax.user_model import resolve_model
@@ -144,8 +154,12 @@ def cmd_eval(args, overrides) -> int:
         )
     if args.json and not str(args.json).endswith(".json"):
         raise UserError(f"{args.json}: give a path ending in .json.")
-    ev = Evaluator(args.feature_net, args.data_dir)
     lm = resolve_model(args.checkpoint, args.model)
+    if args.eval_net is not None:
+        eval_nets = [] if args.eval_net == ["none"] else args.eval_net
+    else:
+        eval_nets = default_eval_nets(lm)
+    ev = Evaluator(args.feature_net, args.data_dir, eval_nets)
     r = evaluate_model(
         ev,
         lm,
@@ -377,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=str(Path(DEFAULT_CONFIG).with_name("classifier.py"))
     )
     c.add_argument("--workdir", required=True, help="where params, card and stats go")
+    c.add_argument(
+        "--data",
+        help="an .npz of uint8 images (N,H,W[,C]), with `labels` or without (then "
+        "a label-free SimCLR net); default: Fashion-MNIST",
+    )
     c.add_argument("--data-dir", help="directory of the Fashion-MNIST idx .gz files")
     c.add_argument(
         "--overwrite", action="store_true", help="replace an existing workdir"
@@ -389,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flag(e)
     e.add_argument(
         "--feature-net", help="classifier dir (default: checkpoints/fmnist_classifier)"
+    )
+    e.add_argument(
+        "--eval-net",
+        action="append",
+        help="an evaluation net dir (repeat for several; 'none' for none); default: "
+        "the shipped ones made from the model's data (checkpoints/fmnist_eval_*)",
     )
     e.add_argument("--steps", type=int, default=10)
     e.add_argument("--schedule", choices=["quad", "uniform", "ddpm"], default="quad")
@@ -430,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="then store each layer's mean output error per width pair and "
         "subtract it (helps uniform widths; the search did worse with it, see "
-        "README)",
+        "docs/results.md)",
     )
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(fn=cmd_calibrate, arg_flags={"num_steps": "--timesteps"})

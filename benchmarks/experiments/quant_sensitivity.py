@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +43,7 @@ from tmpq_jax.diffusion.schedules import timestep_schedule
 from tmpq_jax.quant import QParams, QuantBits, load_calibration, supernet, unet_registry
 from tmpq_jax.quant import calibration as qc
 from tmpq_jax.quant.calibration_io import read_calibration_meta
-from tmpq_jax.quant.registry import layer_kind
+from tmpq_jax.quant.intercept import intercept
 from tmpq_jax.sampling import load_model
 
 UNIFORM = ((8, 8), (7, 7), (6, 6), (5, 5), (4, 8))
@@ -55,34 +54,17 @@ GRAY_LEVEL = 2.0 / 255.0
 # One jitted function for every configuration: bits and a layer mask, traced.
 
 
-def masked_interceptor(mask, bits, registry, qparams):
-    """The supernet's interceptor, but layer i runs in float where mask[i] is 0
+def masked_handler(mask, bits, registry, qparams):
+    """The supernet's op handler, but layer i runs in float where mask[i] is 0
     (both paths are computed and selected with `where`: the mask stays traced)."""
-    quant = supernet.make_interceptor(bits, registry, qparams)
-    in_float: list[bool] = []  # set while the float twin of a layer runs
+    quant = supernet.make_handler(bits, registry, qparams)
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if in_float:
-            return next_fun(*args, **kwargs)
-        if (
-            layer_kind(module) is None
-            or context.method_name != "__call__"
-            or supernet._is_rerun(module)
-        ):
-            return quant(next_fun, args, kwargs, context)
-        i = registry.index_of_path(module.path)
-        yq = quant(next_fun, args, kwargs, context)
-        # The quantized clone has claimed the scope's names: the float twin runs
-        # on a rewound copy of the same scope (same params).
-        in_float.append(True)
-        try:
-            yf = module.clone(parent=module.scope.rewound())(*args, **kwargs)
-        finally:
-            in_float.pop()
-        return jnp.where(mask[i] > 0, yq, yf)
+    def handler(call):
+        i = registry.index_of_site(call.site)
+        yq = quant(call)
+        return yq if i is None else jnp.where(mask[i] > 0, yq, call.original())
 
-    return interceptor
+    return handler
 
 
 def make_eps_fn(lm, registry, qparams: QParams | None):
@@ -91,7 +73,7 @@ def make_eps_fn(lm, registry, qparams: QParams | None):
     variables = {"params": lm.params}
 
     def one(x, t, bits, mask):
-        with nn.intercept_methods(masked_interceptor(mask, bits, registry, qparams)):
+        with intercept(masked_handler(mask, bits, registry, qparams)):
             return lm.model.apply(variables, x, t)
 
     @jax.jit
@@ -179,7 +161,7 @@ def quantized_eps_fn(lm, registry, bits, qparams, mask=None):
         mask = jnp.ones((len(registry),), jnp.int32)
 
     def eps_fn(x, t):
-        with nn.intercept_methods(masked_interceptor(mask, bits, registry, qparams)):
+        with intercept(masked_handler(mask, bits, registry, qparams)):
             return lm.model.apply(variables, x, t)
 
     return eps_fn

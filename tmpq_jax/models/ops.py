@@ -1,10 +1,9 @@
-"""The injection point: every conv, dense and attention matmul of the UNet.
+"""The UNet's multiplying layers under stable names.
 
-The model uses only these three classes for anything that multiplies. They are
-plain Flax linen modules, so the quantization supernet can take them over from
-outside with `nn.intercept_methods` (matching on the module type and path),
-without touching the model code; the same works for any linen model built on
-`nn.Conv` / `nn.Dense`, since `Conv` and `Dense` are those classes.
+The quantizer intercepts every matmul and convolution whatever calls it
+(`tmpq_jax/quant/intercept.py`), so nothing here is needed for quantization any
+more. The UNet keeps `MatMul` so that its attention ops keep the names its
+genomes and calibrations use (`.../attn/qk`, `.../attn/av`).
 """
 
 from __future__ import annotations

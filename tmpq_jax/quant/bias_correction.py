@@ -5,9 +5,9 @@ the data is not zero: per output channel, E[y_q - y] != 0. Through a DDIM
 trajectory a zero-mean error mostly averages out, a mean error does not: on the
 shipped model uniform W7A7 predicts eps 0.02 too low on average, every x0
 prediction is brightened and the black background turns grey
-(`benchmarks/quant_bias.py`). Removing that mean is bias correction (Nagel et al.
-2019, "Data-Free Quantization", sec. 4.2; for diffusion models PTQD, arXiv
-2305.10657, corrects the same mean at the model's output).
+(`benchmarks/experiments/quant_bias.py`). Removing that mean is bias correction
+(Nagel et al. 2019, "Data-Free Quantization", sec. 4.2; for diffusion models PTQD,
+arXiv 2305.10657, corrects the same mean at the model's output).
 
 Here it is per layer, so it composes over mixed-precision genomes: for every
 conv/dense, every weight width k and activation width j, the mean over the
@@ -20,7 +20,7 @@ still only selects: nothing is recomputed per candidate.
 Opt-in (`tmpq calibrate --bias-correction`): on the shipped model (H100, 10k
 samples, 10 quad steps) it takes uniform W8A8 from FID 12.71 to 11.16 (full
 precision 10.77) and W7A7 from 75.7 to 22.0, but the W6A6 joint search ended at
-4.69 with it against 3.52 without (seed 0; README, "Uniform precision").
+4.69 with it against 3.52 without (seed 0; docs/results.md, "Uniform precision").
 
 One compiled program: the float model with every conv/dense run twice (float,
 and quantized at traced uniform widths (k, j)), called for the K*K width pairs

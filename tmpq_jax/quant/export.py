@@ -166,7 +166,7 @@ def convert(
     for layer in registry:
         if layer.kind != "matmul" and not _has_param(params, layer.param_path):
             raise UserError(
-                f"params have no weight {'/'.join(layer.param_path)!r} for layer "
+                f"params have no weight {'/'.join(map(str, layer.param_path))!r} for layer "
                 f"{layer.name!r}; convert the 'params' collection of the model the "
                 "registry was built for."
             )

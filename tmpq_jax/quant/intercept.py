@@ -21,6 +21,8 @@ the primitives' `bind`, which also sees what jax's own code calls internally
 * each outermost bind of the two primitives becomes an `OpCall` handed to
   `handler`, which returns the op's output. Binds made while a handler runs
   (its own quantized op, batching rules) pass straight through;
+* `jax.nn.dot_product_attention` runs as two einsums and a softmax (jax's own
+  vmaps over head groups, so its ops would reach handlers as slices);
 * the op's *site* is (module path, method, index within that method call): the
   innermost Linen or NNX module on the Python stack, found as Qwix finds it.
   Repeated calls of a module reach the same sites. NNX modules have no path of
@@ -185,15 +187,56 @@ def _fresh_counts() -> Iterator[None]:
         _state.counts, _state.frames = saved
 
 
+def _plain_attention(query, key, value, bias=None, mask=None, **kw):
+    """`jax.nn.dot_product_attention` as two einsums and a softmax, no vmap.
+
+    jax's XLA version vmaps over query-head groups, which would hand handlers the
+    q.k and p.v operands as slices of an inner vmap (a collected value would leak
+    out of it). Sequence lengths and local windows go to jax's own version."""
+    extra = {
+        k: v for k, v in kw.items() if k not in ("scale", "is_causal", "implementation")
+    }
+    if any(v is not None and v is not False for v in extra.values()):
+        return _ORIGINAL_ATTENTION(query, key, value, bias, mask, **kw)
+    jnp = jax.numpy
+    n, k = query.shape[-2], key.shape[-2]
+    if n != k:  # grouped-query attention: every query head sees its group's k, v
+        key, value = (
+            jnp.repeat(key, n // k, axis=-2),
+            jnp.repeat(value, n // k, axis=-2),
+        )
+    scale = kw.get("scale") or 1.0 / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+    logits = jnp.einsum("...tnh,...snh->...nts", query, key) * scale
+    if bias is not None:
+        logits = logits + bias
+    if kw.get("is_causal"):
+        t, s_ = logits.shape[-2:]
+        mask = (
+            jnp.tril(jnp.ones((t, s_), bool))
+            if mask is None
+            else mask & jnp.tril(jnp.ones((t, s_), bool))
+        )
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+    return jnp.einsum("...nts,...snh->...tnh", probs, value)
+
+
+_ORIGINAL_ATTENTION = jax.nn.dot_product_attention
+
+
 @contextlib.contextmanager
 def intercept(handler: Callable[[OpCall], Any]) -> Iterator[None]:
     """Within: every outermost dot_general / convolution is `handler(OpCall)`."""
     _install(PRIMITIVES)
     _state.handlers.append(handler)
+    saved = jax.nn.dot_product_attention
+    jax.nn.dot_product_attention = _plain_attention
     try:
         with _fresh_counts(), jax.disable_jit():
             yield
     finally:
+        jax.nn.dot_product_attention = saved
         _state.handlers.pop()
 
 

@@ -62,7 +62,7 @@ class LayerInfo:
     weight_operand: int | None = None  # primitive position of the weight (0 or 1)
     swap: bool = False  # matmul: the left operand is the primitive's right one
     channels: int = 0  # weight: output channels (per-channel scales)
-    param_path: tuple[str, ...] | None = None  # the weight, when it is one param
+    param_path: tuple[str | int, ...] | None = None  # the weight, if a param
     weight_contracting: tuple[int, ...] = ()  # the weight's contracted axes
     module_type: str = ""
 

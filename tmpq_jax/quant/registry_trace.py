@@ -158,10 +158,12 @@ def _describe(call, out, depends, tags: _Tags, param_paths: dict) -> dict:
     )
 
 
-def _key_str(k) -> str:
+def _key(k) -> str | int:
+    """A pytree path entry as the dict key it is (NNX lists have int keys)."""
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
-            return str(getattr(k, attr))
+            v = getattr(k, attr)
+            return v if isinstance(v, int) else str(v)
     return str(k)
 
 
@@ -172,7 +174,7 @@ def trace_ops(model, variables: Any, args: tuple, apply_kwargs: dict) -> list[di
 
     def fn(v, *a):
         leaves = jax.tree_util.tree_leaves_with_path(v)
-        param_paths = {id(x): tuple(map(_key_str, p))[1:] for p, x in leaves}
+        param_paths = {id(x): tuple(map(_key, p))[1:] for p, x in leaves}
 
         def one(*xs):
             trace = jax.tree.leaves(xs)[0]._trace if xs else None
