@@ -30,13 +30,14 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_train(args, overrides) -> int:
-    from tmpq_jax.config import ExperimentConfig, load_config
+    from tmpq_jax.config import load_config
     from tmpq_jax.train import train
+    from tmpq_jax.train.loop import experiment_config
 
     cd = load_config(args.config, overrides)
     if args.data_dir:
         cd.data.data_dir = args.data_dir
-    cfg = ExperimentConfig.from_configdict(cd)
+    cfg = experiment_config(cd)  # a `flow` section: the DiT's flow matching
     card = train(cfg, args.workdir, progress=not args.no_progress)
     print(
         f"trained {card['steps']} steps; model exported to {Path(args.workdir) / 'model'}"
@@ -337,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tmpq", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (or resume) a diffusion UNet")
+    t = sub.add_parser(
+        "train", help="train (or resume) a diffusion UNet, or a DiT (flow configs)"
+    )
     t.add_argument("--config", default=DEFAULT_CONFIG, help="config .py file[:arg]")
     t.add_argument(
         "--workdir", required=True, help="checkpoints, log and exported model"
