@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -24,6 +25,9 @@ _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+# `data_fingerprint` of the 60k Fashion-MNIST train images: the data a model
+# whose card names 'fmnist' (and records no fingerprint) was trained on.
+FMNIST_TRAIN_FINGERPRINT = "4cb47a6224067d8c"
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
 FMNIST_CLASSES = (
@@ -151,3 +155,79 @@ def load_dataset(
 def to_model_range(images: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images.astype(np.float32) / 127.5 - 1.0
+
+
+def data_fingerprint(images: np.ndarray) -> str:
+    """Short sha256 of a uint8 image array (its shape and bytes): names a data set,
+    so a feature net and a diffusion model can be checked to share their data."""
+    x = np.ascontiguousarray(np.asarray(images))
+    if x.ndim == 3:
+        x = x[..., None]
+    h = hashlib.sha256()
+    h.update(repr(tuple(x.shape)).encode())
+    h.update(x.tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_data_fingerprint(card: dict) -> str | None:
+    """The fingerprint of the data a diffusion model's card says it was trained on:
+    the recorded `data_fingerprint`, else Fashion-MNIST's for a card naming
+    'fmnist', else None (unknown: nothing to check against)."""
+    if not isinstance(card, dict):
+        return None
+    if card.get("data_fingerprint"):
+        return str(card["data_fingerprint"])
+    data = (card.get("config") or {}).get("data") or {}
+    return FMNIST_TRAIN_FINGERPRINT if data.get("name") == "fmnist" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """A data set cut into the split models and fitness may see (`train`) and the
+    one every reported figure uses (`test`)."""
+
+    name: str
+    fingerprint: str  # data_fingerprint of what a diffusion model trains on
+    train: Dataset
+    test: Dataset
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.train.images.shape[1:])
+
+
+def holdout(
+    ds: Dataset, test_fraction: float = 0.1, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """(train, test): a fixed random `test_fraction` of `ds` held out (the same cut
+    for the same data, fraction and seed)."""
+    n = len(ds)
+    n_test = int(round(test_fraction * n))
+    if not 0.0 < test_fraction < 1.0 or n_test < 1 or n - n_test < 1:
+        raise UserError(
+            f"cannot hold out {test_fraction} of {n} images: use a fraction in (0, 1) "
+            "leaving at least one image on each side."
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    pick = lambda idx: Dataset(  # noqa: E731
+        ds.images[idx], None if ds.labels is None else ds.labels[idx]
+    )
+    return pick(tr), pick(te)
+
+
+def load_splits(
+    name: str = "fmnist",
+    data_dir: str | os.PathLike | None = None,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> Splits:
+    """Fashion-MNIST's own train/test split, or an `.npz` (all of it is what a
+    diffusion model trains on) with `test_fraction` held out by `holdout`."""
+    if name == "fmnist":
+        train = load_fmnist("train", data_dir)
+        test = load_fmnist("test", data_dir)
+        return Splits("fmnist", data_fingerprint(train.images), train, test)
+    ds = load_dataset(name, "train", data_dir)
+    train, test = holdout(ds, test_fraction, seed)
+    return Splits(str(name), data_fingerprint(ds.images), train, test)

@@ -1,9 +1,16 @@
-"""Small Fashion-MNIST CNN whose penultimate layer is the FID feature space.
+"""Small CNNs whose penultimate layer is a FID feature space.
 
 No Inception weights can be had offline (DESIGN.md section 4), so the project trains
 this classifier and computes "FID (FMNIST classifier features)" in its 128-d
 penultimate layer. GroupNorm, not BatchNorm, so `apply` is stateless and the same
 function serves training, evaluation and the jitted/vmapped search.
+
+Two architectures (`arch`), so evaluation spaces can differ from the fitness's:
+* `cnn`: two 3x3 convs a stage, 2x average-pool between, global mean (the
+  shipped fitness net);
+* `resnet`: a 5x5 stem, then a strided 3x3 conv and one residual block a stage,
+  GELU, and global mean and max pooled features concatenated.
+Any image size works (global pooling); only the channel count fixes the params.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import jax.numpy as jnp
 from tmpq_jax.errors import UserError, check_keys
 
 IMAGE_SHAPE = (28, 28, 1)
+ARCHS = ("cnn", "resnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +36,12 @@ class ClassifierConfig:
     feature_dim: int = 128
     num_classes: int = 10
     num_groups: int = 8
+    arch: str = "cnn"  # cnn | resnet (see the module doc)
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.arch not in ARCHS:
+            raise UserError(f"classifier arch {self.arch!r}: use one of {list(ARCHS)}.")
         if not self.widths or any(w <= 0 for w in self.widths):
             raise UserError(f"classifier widths must be positive, got {self.widths}.")
         for w in self.widths:
@@ -41,11 +52,13 @@ class ClassifierConfig:
                 )
         if self.feature_dim <= 0 or self.num_classes <= 1:
             raise UserError("feature_dim must be > 0 and num_classes > 1.")
-        if self.feature_dim > self.widths[-1]:
+        pooled = self.widths[-1] * (2 if self.arch == "resnet" else 1)
+        if self.feature_dim > pooled:
             raise UserError(
                 f"feature_dim {self.feature_dim} exceeds the last width "
-                f"{self.widths[-1]}: the features would span only {self.widths[-1]} "
-                "dims (singular covariance); widen the last stage or shrink it."
+                f"{self.widths[-1]} ({pooled} pooled features): the features would "
+                f"span only {pooled} dims (singular covariance); widen the last "
+                "stage or shrink it."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,7 +74,8 @@ class ClassifierConfig:
 
 
 class Classifier(nn.Module):
-    """28x28x1 images in [-1, 1] -> logits, or (features, logits) with features=True.
+    """Images [N, H, W, C] in [-1, 1] -> logits, or (features, logits) with
+    features=True.
 
     The features are the pre-activation output of the penultimate dense layer
     (`feature_dim` wide): unbounded and not rectified, so their covariance is full
@@ -74,30 +88,52 @@ class Classifier(nn.Module):
     def __call__(self, x: jax.Array, features: bool = False):
         cfg = self.config
         h = x.astype(jnp.float32)
-        for i, width in enumerate(cfg.widths):
-            if i > 0:
-                h = nn.avg_pool(h, (2, 2), strides=(2, 2), padding="SAME")
-            for j in range(2):
-                h = nn.Conv(width, (3, 3), padding="SAME", name=f"conv{i}_{j}")(h)
-                h = nn.GroupNorm(
-                    num_groups=min(cfg.num_groups, width), name=f"gn{i}_{j}"
-                )(h)
-                h = nn.silu(h)
-        h = jnp.mean(h, axis=(1, 2))
+        if cfg.arch == "resnet":
+            h = self._resnet(h)
+        else:
+            for i, width in enumerate(cfg.widths):
+                if i > 0:
+                    h = nn.avg_pool(h, (2, 2), strides=(2, 2), padding="SAME")
+                for j in range(2):
+                    h = nn.Conv(width, (3, 3), padding="SAME", name=f"conv{i}_{j}")(h)
+                    h = nn.GroupNorm(
+                        num_groups=min(cfg.num_groups, width), name=f"gn{i}_{j}"
+                    )(h)
+                    h = nn.silu(h)
+            h = jnp.mean(h, axis=(1, 2))
         feats = nn.Dense(cfg.feature_dim, name="feature")(h)
         logits = nn.Dense(cfg.num_classes, name="head")(nn.silu(feats))
         return (feats, logits) if features else logits
 
+    def _resnet(self, h: jax.Array) -> jax.Array:
+        cfg = self.config
+        gn = lambda w, name: nn.GroupNorm(  # noqa: E731
+            num_groups=min(cfg.num_groups, w), name=name
+        )
+        w0 = cfg.widths[0]
+        h = nn.gelu(gn(w0, "stem_gn")(nn.Conv(w0, (5, 5), name="stem")(h)))
+        for i, width in enumerate(cfg.widths):
+            stride = (2, 2) if i > 0 else (1, 1)
+            h = nn.Conv(width, (3, 3), stride, name=f"down{i}")(h)
+            r = nn.gelu(gn(width, f"gn{i}_a")(h))
+            r = nn.Conv(width, (3, 3), name=f"res{i}_a")(r)
+            r = nn.gelu(gn(width, f"gn{i}_b")(r))
+            h = h + nn.Conv(width, (3, 3), name=f"res{i}_b")(r)
+        h = nn.gelu(gn(cfg.widths[-1], "out_gn")(h))
+        return jnp.concatenate([jnp.mean(h, (1, 2)), jnp.max(h, (1, 2))], -1)
 
-def init_params(config: ClassifierConfig, key: jax.Array) -> Any:
-    """Fresh parameters for `Classifier(config)`."""
-    dummy = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+
+def init_params(
+    config: ClassifierConfig, key: jax.Array, image_shape=IMAGE_SHAPE
+) -> Any:
+    """Fresh parameters for `Classifier(config)` on images of `image_shape`."""
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
     return Classifier(config).init(key, dummy)["params"]
 
 
-def abstract_params(config: ClassifierConfig) -> Any:
+def abstract_params(config: ClassifierConfig, image_shape=IMAGE_SHAPE) -> Any:
     """Shape/dtype tree of the parameters, without computing them."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), image_shape))
 
 
 def count_params(params: Any) -> int:

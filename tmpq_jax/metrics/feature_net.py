@@ -1,7 +1,9 @@
 """The trained Fashion-MNIST classifier as a feature extractor for FID/KID/IS.
 
 `load_feature_net(path)` restores the params written by `train_classifier`
-(`<dir>/params`, orbax) and the architecture from `<dir>/card.json`. `FeatureNet`
+(`<dir>/params`, orbax) and the architecture from `<dir>/card.json`, which also
+records the image shape the net takes and the fingerprint of the data it was made
+from (`check_model_data` refuses a diffusion model trained on other data). `FeatureNet`
 is a pytree (params are leaves, config is static), so it can be passed straight
 into `jax.jit`/`vmap`-ed functions such as the search's fitness:
 
@@ -25,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import struct
 
 from tmpq_jax.checkpoint import CHECKPOINTS_DIR
-from tmpq_jax.data import to_model_range
+from tmpq_jax.data import model_data_fingerprint, to_model_range
 from tmpq_jax.errors import UserError
 from tmpq_jax.metrics.classifier import (
     IMAGE_SHAPE,
@@ -54,13 +56,22 @@ class FeatureNet:
     image_shape: tuple[int, int, int] = struct.field(
         pytree_node=False, default=IMAGE_SHAPE
     )
+    # What the card says of the data it was made from (None: not recorded).
+    data_fingerprint: str | None = struct.field(pytree_node=False, default=None)
+    data_name: str | None = struct.field(pytree_node=False, default=None)
+    # "labels" (a classifier: logits are class scores) or "contrastive".
+    objective: str = struct.field(pytree_node=False, default="labels")
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name if self.path else "feature-net"
 
     @property
     def feature_dim(self) -> int:
         return self.config.feature_dim
 
     def features_and_logits(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Images [N, 28, 28, 1] in [-1, 1] -> ([N, D], [N, C]). Jittable."""
+        """Images [N, *image_shape] in [-1, 1] -> ([N, D], [N, C]). Jittable."""
         model = Classifier(self.config)
         return model.apply({"params": self.params}, images, features=True)
 
@@ -73,7 +84,7 @@ class FeatureNet:
     def extract(self, images, batch_size: int = 1000) -> Extracted:
         """Features and logits of a large array, in jitted fixed-size batches.
 
-        `images`: uint8 [N, 28, 28(, 1)] (mapped to [-1, 1]) or float in [-1, 1].
+        `images`: uint8 [N, H, W(, C)] (mapped to [-1, 1]) or float in [-1, 1].
         The last batch is padded, so only one shape is ever compiled.
         """
         x = check_images(images, self.image_shape)
@@ -100,7 +111,7 @@ _features_and_logits_jit = jax.jit(lambda net, x: net.features_and_logits(x))
 
 
 def check_images(images, shape: tuple[int, ...] = IMAGE_SHAPE) -> np.ndarray:
-    """Host-side: [N, 28, 28(, 1)] uint8 or finite float in about [-1, 1] -> float32."""
+    """Host-side: [N, *shape] uint8 or finite float in about [-1, 1] -> float32."""
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[..., None]
@@ -144,7 +155,9 @@ def save_params(directory: str | os.PathLike, params: Any) -> None:
         ckptr.wait_until_finished()
 
 
-def restore_params(directory: str | os.PathLike, config: ClassifierConfig) -> Any:
+def restore_params(
+    directory: str | os.PathLike, config: ClassifierConfig, image_shape=IMAGE_SHAPE
+) -> Any:
     """Restores params saved by `save_params` onto the default device.
 
     The abstract target carries this process's device as sharding, so a
@@ -154,7 +167,7 @@ def restore_params(directory: str | os.PathLike, config: ClassifierConfig) -> An
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        abstract_params(config),
+        abstract_params(config, image_shape),
     )
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     with ocp.StandardCheckpointer() as ckptr:
@@ -192,12 +205,15 @@ def load_feature_net(path: str | os.PathLike | None = None) -> FeatureNet:
     card = _read_card(path)
     try:
         config = ClassifierConfig.from_dict(card["config"]["model"])
+        image_shape = tuple(int(d) for d in card.get("image_shape", IMAGE_SHAPE))
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape {image_shape} is not (H, W, C)")
     except (TypeError, ValueError) as e:
         raise UserError(
             f"{path / CARD_FILE}: bad classifier config ({e}); the card is corrupt."
         ) from None
     try:
-        params = restore_params(path / PARAMS_DIR, config)
+        params = restore_params(path / PARAMS_DIR, config, image_shape)
     except Exception as e:  # orbax/tensorstore raise many types for bad files
         raise UserError(
             f"{path / PARAMS_DIR}: cannot restore the classifier params "
@@ -210,4 +226,48 @@ def load_feature_net(path: str | os.PathLike | None = None) -> FeatureNet:
             f"{path}: params do not match the fingerprint in {CARD_FILE}; the files "
             "come from different runs -- retrain or restore the whole directory."
         )
-    return FeatureNet(params=params, config=config, path=str(path))
+    data = card.get("data") if isinstance(card.get("data"), dict) else {}
+    return FeatureNet(
+        params=params,
+        config=config,
+        path=str(path),
+        image_shape=image_shape,
+        data_fingerprint=data.get("fingerprint"),
+        data_name=data.get("name"),
+        objective=str(card.get("objective", "labels")),
+    )
+
+
+def _shape_str(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def check_image_shape(net: FeatureNet, shape, what: str = "the model") -> None:
+    """Refuses, in one line, a net made for another image shape than `shape`."""
+    shape = tuple(int(d) for d in shape)
+    if shape != tuple(net.image_shape):
+        raise UserError(
+            f"{what} makes {_shape_str(shape)} images but the feature net "
+            f"{net.path} takes {_shape_str(net.image_shape)}; make a feature net "
+            f"from {_shape_str(shape)} images of the model's data with `tmpq "
+            "train-classifier` and use that one."
+        )
+
+
+def check_model_data(
+    net: FeatureNet, model_card: dict, what: str = "the model"
+) -> None:
+    """Refuses, in one line, a feature net made from other data than the data the
+    diffusion model's card names (nothing to check when either is unrecorded)."""
+    want = model_data_fingerprint(model_card)
+    have = net.data_fingerprint
+    if want is None or have is None or want == have:
+        return
+    data = (model_card.get("config") or {}).get("data") or {}
+    name = data.get("name") or model_card.get("data") or "its data"
+    raise UserError(
+        f"{what} was trained on {name} (data fingerprint {want}) but the feature "
+        f"net {net.path} was made from {net.data_name or 'other data'} ({have}); "
+        f"make a feature net from {name} with `tmpq train-classifier` and use that "
+        "one."
+    )
