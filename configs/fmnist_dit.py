@@ -47,7 +47,7 @@ def get_config(arg=None):
         grad_clip=1.0,
         ema_decay=0.9995,
         steps_per_call=200,
-        ckpt_every=2000,
+        ckpt_every=1000,  # a chunk stopped by timeout loses at most this many steps
         seed=0,
     )
     return c
