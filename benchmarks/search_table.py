@@ -106,7 +106,7 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
     budget_total = None
     if method in ("fp", "uniform"):
         setup = prepare(run, root / budget / "baselines", progress=False)
-        ev = Evaluator.from_parts(setup.assets.net, setup.stats)
+        ev = setup.evaluator  # the fitness net's space and the evaluation spaces
         r = _fp_row(setup, ev) if method == "fp" else _uniform_row(setup, ev)
         budget_total = setup.budget
         r.update(timesteps=[int(t) for t in setup.space.seed[: setup.space.num_steps]])
@@ -129,6 +129,14 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
         }
         budget_total = res["budget_bitops"]
     prov = provenance()
+    scores = r.get("rescored") or {}
+    r.update(
+        fitness=run.search.fitness,
+        fid=scores.get("fid"),
+        **{k: v for k, v in scores.items() if k.startswith("fid_eval_")},
+        precision=scores.get("precision"),
+        recall=scores.get("recall"),
+    )
     r.update(
         method=method,
         budget=budget,

@@ -1,11 +1,25 @@
-"""Fitness on device: a candidate's samples from one fixed noise batch, scored by FID.
+"""Fitness on device: a candidate's samples from one fixed noise batch, scored.
 
 For each genome: decode -> CONVERT its kernels once at their traced bits
 (`export.freeze`, calibrated results selected, never recomputed) -> DDIM
 (`lax.scan` over its traced timesteps) serving them (`export.serve_apply`, equal
-bit for bit to the fake-quant `quantized_apply`) -> the FMNIST classifier's
-features -> FID against the test statistics (`fid_from_features`, jittable). A
-population is mapped in chunks of `candidate_chunk` vmapped genomes
+bit for bit to the fake-quant `quantized_apply`) -> a score (`search.fitness`):
+
+* `fid`: the fitness net's features -> FID against its TRAIN-split statistics
+  (`fid_from_features`, jittable). The test split is never read by a search: it
+  is what every reported figure uses (`evaluation.py`).
+* `ensemble`: the FIDs in several feature spaces (the fitness net and
+  `ensemble_nets`, never an evaluation net), each rescaled to the first net's
+  units by the ratio of their train covariances' traces, averaged: a genome that
+  games one space pays in the others.
+* `teacher`: the squared distance of each sample to the full-precision model's
+  many-step sample from the same noise (`Assets.teacher`, made once per search),
+  relative to the teacher samples' spread, in pixels plus
+  `teacher_feature_weight` times the same in the fitness net's features. It needs
+  no data statistics; with weight 0, no feature net either. 0 for the teacher's
+  own samples.
+
+A population is mapped in chunks of `candidate_chunk` vmapped genomes
 (`lax.map(batch_size=...)`), so memory stays bounded, and samples can be drawn
 `sample_chunk` at a time (the last chunk padded). NaN/inf samples give `WORST_FID`,
 never a crash. Big arrays travel as arguments (`Assets`), not constants.
@@ -40,11 +54,22 @@ class Assets:
     params: Any  # the UNet's params
     qparams: QParams
     sched: NoiseSchedule
-    net: FeatureNet
-    mu_ref: jax.Array
-    sigma_ref: jax.Array
-    sqrt_sigma_ref: jax.Array
+    net: FeatureNet | None  # the fitness net (None: teacher in pixels only)
+    # The fitness net's TRAIN-split statistics (never the test split's).
+    mu_ref: jax.Array | None
+    sigma_ref: jax.Array | None
+    sqrt_sigma_ref: jax.Array | None
     noise: jax.Array  # the fixed noise batch x_T: [S, H, W, C]
+    # ensemble: the other nets and their train-split (mu, sigma, sqrt_sigma), and
+    # each member's factor into the first net's units.
+    extra_nets: tuple[FeatureNet, ...] = ()
+    extra_refs: tuple[tuple[jax.Array, jax.Array, jax.Array], ...] = ()
+    ensemble_scale: jax.Array | None = None  # [1 + len(extra_nets)]
+    # teacher: its samples from `noise` (clipped), their features (or None) and
+    # their spreads [pixels, features] (mean squared distance to their mean).
+    teacher: jax.Array | None = None
+    teacher_features: jax.Array | None = None
+    teacher_spread: jax.Array | None = None
 
 
 def map_in_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
@@ -71,6 +96,8 @@ class Problem:
     candidate_chunk: int = 1
     sample_chunk: int = 0
     conv_dtype: Any = None  # integer-valued conv operands in this dtype: see numerics
+    fitness: str = "fid"  # fid | ensemble | teacher (see the module doc)
+    teacher_feature_weight: float = 1.0
 
     def sample(self, assets: Assets, genome: jax.Array, x_T: jax.Array) -> jax.Array:
         """Images of one genome from x_T (unclipped x_0)."""
@@ -101,22 +128,41 @@ class Problem:
         return jax.jit(self.sample)
 
     def fid(self, assets: Assets, genome: jax.Array, axis=None) -> jax.Array:
-        """`axis`: the mesh axis `assets.noise` is split over (inside `shard_map`):
-        the features of every part are gathered before the FID."""
+        """The fitness of one genome (named `fid` for the archive's column; it is
+        the `fitness` score). `axis`: the mesh axis `assets.noise` is split over
+        (inside `shard_map`): every part's features (or images) are gathered
+        before the score."""
         x0 = self.sample(assets, genome, assets.noise)
         finite = jnp.all(jnp.isfinite(x0))
         images = jnp.clip(jnp.where(finite, x0, 0.0), -1.0, 1.0)
-        feats = assets.net.features(images)
         if axis is not None:
-            feats = jax.lax.all_gather(feats, axis, tiled=True)
             finite = jax.lax.psum((~finite).astype(jnp.int32), axis) == 0
-        f = fid_from_features(
-            feats,
-            assets.mu_ref,
-            assets.sigma_ref,
-            assets.sqrt_sigma_ref,
-        )
+        f = self.score_images(assets, images, axis)
         return jnp.where(finite & jnp.isfinite(f), f, WORST_FID)
+
+    def score_images(self, assets: Assets, images: jax.Array, axis=None):
+        """The fitness of images (clipped to [-1, 1]) made from `assets.noise`."""
+        gather = (
+            (lambda a: a)
+            if axis is None
+            else (lambda a: jax.lax.all_gather(a, axis, tiled=True))
+        )
+        if self.fitness == "teacher":
+            return teacher_distance(gather(images), assets, self.teacher_feature_weight)
+        nets = (assets.net, *assets.extra_nets)
+        refs = ((assets.mu_ref, assets.sigma_ref, assets.sqrt_sigma_ref),)
+        refs = refs + tuple(assets.extra_refs)
+        if self.fitness == "fid":
+            nets, refs = nets[:1], refs[:1]
+        values = jnp.stack(
+            [
+                fid_from_features(gather(net.features(images)), *ref)
+                for net, ref in zip(nets, refs, strict=True)
+            ]
+        )
+        if self.fitness == "fid":
+            return values[0]
+        return jnp.mean(values * assets.ensemble_scale)
 
     def population_fid(self, assets: Assets, genomes: jax.Array, axis=None):
         """float32[P] for int32[P, D], `candidate_chunk` genomes vmapped at a time
@@ -126,3 +172,36 @@ class Problem:
             genomes,
             batch_size=min(self.candidate_chunk, genomes.shape[0]),
         )
+
+
+def spread(x: jax.Array) -> jax.Array:
+    """Mean squared distance of the rows of x [N, ...] to their mean, per value."""
+    x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    return jnp.mean((x - jnp.mean(x, axis=0)) ** 2)
+
+
+def teacher_distance(images, assets: Assets, feature_weight: float) -> jax.Array:
+    """Mean squared distance of `images` to `assets.teacher` (paired by noise),
+    over the teacher's spread; plus `feature_weight` x the same in the fitness
+    net's features. 0 exactly for the teacher's own samples."""
+    t = assets.teacher.astype(jnp.float32)
+    d = jnp.mean((images.astype(jnp.float32) - t) ** 2) / assets.teacher_spread[0]
+    if feature_weight:
+        f = assets.net.features(images)
+        ft = assets.teacher_features
+        d = d + feature_weight * jnp.mean((f - ft) ** 2) / assets.teacher_spread[1]
+    return d
+
+
+def teacher_samples(
+    model: nn.Module, params, sched: NoiseSchedule, noise, timesteps, chunk: int = 0
+) -> jax.Array:
+    """The full-precision model's DDIM samples (eta 0) from `noise` over
+    `timesteps`, clipped to [-1, 1]: the teacher, made once per search."""
+
+    def run(x):
+        eps_fn = lambda x, t: model.apply({"params": params}, x, t)  # noqa: E731
+        return ddim_sample(jax.random.key(0), eps_fn, x, timesteps, sched)
+
+    out = jax.jit(lambda x: map_in_chunks(run, x, chunk))(noise)
+    return jnp.clip(out, -1.0, 1.0)
