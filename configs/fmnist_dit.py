@@ -5,10 +5,12 @@ DiT with patch 2 (196 tokens), width 192, depth 6, 6 heads: 4.16M parameters,
 (x_t = (1 - t) x0 + t noise, v = noise - x0), logit-normal t, labels dropped to
 the null class 10% of the time so that classifier-free guidance works.
 
-Read by `tmpq_jax.train.experiment_config` (a `flow` section makes it a flow
-config). Train in resumable chunks: rerun the same command until it reports
-the last step; `timeout -s INT` stops a chunk cleanly (the loop's finally
-closes the checkpoints, and the next run resumes from the last one):
+Read by `tmpq_jax.train.loop.experiment_config` (a `flow` section makes it a
+flow config; `tmpq train` reads it once its cmd_train calls that instead of
+`ExperimentConfig.from_configdict`). Train in resumable chunks: rerun the same
+command until it reports the last step; `timeout -s INT` stops a chunk cleanly
+(the loop's finally closes the checkpoints; the next run resumes from the last
+one, at most ckpt_every steps back, and the result equals an unbroken run):
   timeout -s INT 500 tmpq train --config configs/fmnist_dit.py --workdir runs/fmnist_dit
 """
 
