@@ -11,7 +11,7 @@ from tmpq_jax.metrics.train_classifier import default_configdict
 
 def get_config(arg=None):
     c = default_configdict()
-    c.model.update(widths=(16, 32, 32), feature_dim=32, num_groups=8, arch="resnet")
+    c.model.update(widths=(16, 32, 32), feature_dim=32, arch="resnet")
     c.update(batch_size=128, num_steps=600, steps_per_call=50, warmup_steps=50)
     c.learning_rate = 3e-3
     return c

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from tmpq_jax.diffusion.schedules import DiffusionConfig
 from tmpq_jax.errors import UserError, check_keys
@@ -120,6 +121,21 @@ def apply_override(cd: ml_collections.ConfigDict, assignment: str) -> None:
         node[parts[-1]] = tuple(value) if isinstance(old, tuple) else value
     except (TypeError, ValueError) as e:
         raise UserError(f"--config.{key}={text}: {e}") from None
+
+
+def configdict_of(config: Any) -> ml_collections.ConfigDict:
+    """A config dataclass as the ConfigDict a config file starts from: every
+    setting at its default (overridable by name, restated nowhere)."""
+    cd = ml_collections.ConfigDict(dataclasses.asdict(config))
+    cd.data.data_dir = config_dict.placeholder(str)
+    return cd
+
+
+def default_configdict() -> ml_collections.ConfigDict:
+    """The UNet's training settings at their defaults (`configs/fmnist.py` starts here)."""
+    return configdict_of(
+        ExperimentConfig(UNetConfig(), DiffusionConfig(), DataConfig(), TrainConfig())
+    )
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

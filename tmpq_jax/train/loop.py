@@ -60,6 +60,15 @@ class FlowExperimentConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+def flow_default_configdict():
+    """The DiT's flow-matching settings at their defaults (`configs/fmnist_dit.py`)."""
+    from tmpq_jax.config import configdict_of
+
+    return configdict_of(
+        FlowExperimentConfig(DiTConfig(), FlowConfig(), DataConfig(), TrainConfig())
+    )
+
+
 def experiment_config(cd: Any) -> ExperimentConfig | FlowExperimentConfig:
     """The typed config a ConfigDict describes: flow matching when it has a `flow`
     section, else the UNet's eps training."""

@@ -1,0 +1,47 @@
+"""Config files hold overrides only: the dataclasses are the one source of defaults."""
+
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from tmpq_jax.config import ExperimentConfig, load_config
+from tmpq_jax.train.loop import experiment_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_no_config_file_restates_a_default(path, monkeypatch):
+    """Every `.update(key=value)` a config file makes changes the value it
+    starts from (the dataclass defaults, or the file it builds on)."""
+    restated = []
+    update = ml_collections.ConfigDict.update
+
+    def checked(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            old = self[key] if key in self else object()
+            same = (
+                tuple(old) == tuple(value)
+                if isinstance(old, tuple | list)
+                else old == value
+            )
+            if same:
+                restated.append(f"{key}={value!r}")
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(ml_collections.ConfigDict, "update", checked)
+    load_config(str(path))
+    assert not restated, f"{path.name} restates defaults: {restated}"
+
+
+def test_overrides_reach_settings_a_file_does_not_name():
+    cd = load_config(
+        "configs/fmnist.py", ["model.num_heads=2", "diffusion.beta_end=0.03"]
+    )
+    cfg = ExperimentConfig.from_configdict(cd)
+    assert cfg.model.num_heads == 2 and cfg.diffusion.beta_end == 0.03
+    dit = experiment_config(
+        load_config("configs/fmnist_dit.py", ["flow.logit_std=0.5"])
+    )
+    assert dit.flow.logit_std == 0.5 and dit.model.width == 192
