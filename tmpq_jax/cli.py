@@ -66,6 +66,18 @@ def cmd_sample(args, overrides) -> int:
             raise UserError(
                 f"{p}: use a .png path for --out and a .npz path for --npz."
             )
+    if _is_flow_model(args.checkpoint):
+        return _sample_flow(args)
+    if args.solver not in (None, "ddim"):  # a flow solver for a noise predictor
+        from tmpq_jax.diffusion.flow import check_sampler
+
+        check_sampler(args.solver, "eps")
+    for flag, v in (("--class", args.label), ("--guidance", args.guidance)):
+        if v is not None:
+            raise UserError(
+                f"{flag}: this model is an unconditional noise-prediction model; "
+                "class labels and guidance need a class-conditional DiT."
+            )
     if args.genome:  # the genome's timesteps and int8 weights (AQT SERVE)
         from tmpq_jax.serving import load_genome_model
 
@@ -113,6 +125,54 @@ def cmd_sample(args, overrides) -> int:
         print(f"wrote {args.out}")
     if args.npz:
         save_npz(imgs, args.npz, timesteps=ts if ts is not None else [])
+        print(f"wrote {args.npz}")
+    return 0
+
+
+def _is_flow_model(checkpoint) -> bool:
+    if not checkpoint:
+        return False
+    from tmpq_jax.checkpoint import read_card
+    from tmpq_jax.diffusion.flow import prediction_of
+
+    return prediction_of(read_card(checkpoint)) == "velocity"
+
+
+def _sample_flow(args) -> int:
+    """`tmpq sample` of an exported DiT: Euler / Heun, a class, guidance."""
+    import jax
+
+    from tmpq_jax.diffusion.flow import check_sampler
+    from tmpq_jax.flow_sampling import sample_dit
+    from tmpq_jax.images import save_grid, save_npz
+    from tmpq_jax.models.dit import load_dit
+    from tmpq_jax.sampling import to_uint8
+
+    if args.schedule or args.eta or args.solver == "ddim":  # DDIM/DDPM's options
+        check_sampler("ddpm" if args.schedule == "ddpm" else "ddim", "velocity")
+    for flag, v in (("--genome", args.genome), ("--dtype", args.dtype)):
+        if v:
+            raise UserError(f"{flag}: not yet available for a DiT; leave it out.")
+    cfg, params, _ = load_dit(args.checkpoint)
+    imgs = to_uint8(
+        sample_dit(
+            jax.random.key(args.seed),
+            cfg,
+            params,
+            args.num,
+            args.steps if args.steps is not None else 10,
+            label=args.label,
+            guidance=args.guidance,
+            shift=args.shift,
+            solver=args.solver or "euler",
+            batch_size=args.batch_size,
+        )
+    )
+    if args.out:
+        save_grid(imgs, args.out, nrow=args.nrow)
+        print(f"wrote {args.out}")
+    if args.npz:
+        save_npz(imgs, args.npz, timesteps=[])
         print(f"wrote {args.npz}")
     return 0
 
@@ -369,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --genome: calibration dir (default: the one the genome names)",
     )
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    s.add_argument(
+        "--solver", choices=["ddim", "euler", "heun"], help="euler/heun: a DiT's"
+    )
+    s.add_argument("--class", dest="label", type=int, help="a DiT's class label")
+    s.add_argument("--guidance", type=float, help="a DiT's guidance scale (CFG)")
+    s.add_argument("--shift", type=float, default=1.0, help="a DiT's time shift")
     s.add_argument("--num", type=int, default=100)
     s.add_argument("--nrow", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
@@ -386,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
             "calibration": "--calibration",
             "checkpoint": "--checkpoint",
             "model_spec": "--model",
+            "guidance": "--guidance",
         },
     )
 
