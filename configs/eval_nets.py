@@ -17,11 +17,11 @@ from tmpq_jax.config import load_config
 def get_config(arg="eval_resnet"):
     c = load_config(str(Path(__file__).with_name("feature_net_cpu.py")))
     if arg == "eval_resnet":
-        c.update(objective="labels", seed=1)
+        c.update(objective="labels", seed=1, num_steps=500)
     elif arg == "eval_simclr":
-        c.update(objective="contrastive", seed=2, num_steps=300)
+        c.update(objective="contrastive", seed=2, num_steps=400)
     elif arg == "fitness_b":
-        c.model.update(arch="cnn", widths=(16, 32, 32), feature_dim=32)
+        c.model.update(arch="cnn", widths=(8, 16, 32), feature_dim=32)
         c.update(objective="labels", seed=3, num_steps=400)
     else:
         raise ValueError(

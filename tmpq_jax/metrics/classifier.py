@@ -8,7 +8,8 @@ function serves training, evaluation and the jitted/vmapped search.
 Two architectures (`arch`), so evaluation spaces can differ from the fitness's:
 * `cnn`: two 3x3 convs a stage, 2x average-pool between, global mean (the
   shipped fitness net);
-* `resnet`: a 5x5 stem, then a strided 3x3 conv and one residual block a stage,
+* `resnet`: a 5x5 stride-2 stem, then a 3x3 conv (strided after the first stage)
+  and one residual block a stage,
   GELU, and global mean and max pooled features concatenated.
 Any image size works (global pooling); only the channel count fixes the params.
 """
@@ -111,7 +112,8 @@ class Classifier(nn.Module):
             num_groups=min(cfg.num_groups, w), name=name
         )
         w0 = cfg.widths[0]
-        h = nn.gelu(gn(w0, "stem_gn")(nn.Conv(w0, (5, 5), name="stem")(h)))
+        h = nn.Conv(w0, (5, 5), (2, 2), name="stem")(h)  # half resolution at once
+        h = nn.gelu(gn(w0, "stem_gn")(h))
         for i, width in enumerate(cfg.widths):
             stride = (2, 2) if i > 0 else (1, 1)
             h = nn.Conv(width, (3, 3), stride, name=f"down{i}")(h)
