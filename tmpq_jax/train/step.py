@@ -1,10 +1,21 @@
 """The pure training step: DDPM epsilon loss, AdamW with warmup, EMA of the params.
 
 `make_train_steps` (the UNet's eps objective) and `make_flow_train_steps` (the
-flow-matching velocity objective of `diffusion/flow.py`, with labels) return a jitted function running `n` steps in one `lax.scan`
-with the whole dataset on device. Each step's randomness is `fold_in(key, step)`,
-so the result depends only on the step count, never on how steps were split into
-calls: resuming from a checkpoint reproduces an uninterrupted run exactly.
+flow-matching velocity objective of `diffusion/flow.py`, with labels) return a
+function running `n` steps with the whole dataset on device. Each step's
+randomness is `fold_in(key, step)`, so the result depends only on the step count,
+never on how steps were split into calls: resuming from a checkpoint reproduces
+an uninterrupted run exactly.
+
+How the `n` steps run (`loop=`): one jitted `lax.scan` ("scan": one dispatch per
+call), or `n` calls of one jitted step from Python ("python"). By default the
+UNet's steps take "python" on XLA's CPU backend and "scan" elsewhere: XLA:CPU
+rewrites convolutions into the layout of its fast (Eigen) kernels only outside
+loop bodies, so a UNet step inside a scan -- even of length 1 -- ran ~11x slower
+than the same step jitted alone. The DiT's flow steps (one patchify convolution)
+keep "scan" everywhere: on CPU it measured ~15% faster than the plain jitted
+step (benchmarks/cpu.py, results/cpu.json). The two paths compute the same step;
+they may differ at float rounding level (XLA picks other kernels).
 """
 
 from __future__ import annotations
@@ -86,8 +97,48 @@ def _apply_grads(
     )
 
 
-def make_train_steps(model: nn.Module, sched: NoiseSchedule, cfg: TrainConfig):
-    """-> jitted `fn(state, images_u8, key, n) -> (state, losses[n])`, n static."""
+LOOPS = ("scan", "python")
+
+
+def _resolve_loop(loop: str | None, cpu: str = "python") -> str:
+    """The step loop to use: `loop`, or `cpu` on the CPU backend, else "scan"."""
+    if loop is None:
+        return cpu if jax.default_backend() == "cpu" else "scan"
+    if loop not in LOOPS:
+        raise ValueError(f"loop={loop!r}; expected one of {LOOPS} or None")
+    return loop
+
+
+def _python_steps(one_step):
+    """`fn(state, *data, key, n) -> (state, losses[n])`: n calls of one jitted step.
+
+    `one_step((state, *data, key), None) -> ((state, *data, key), loss)` is the
+    scan body; the jitted step returns only (state, loss), so the dataset is
+    never copied out.
+    """
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, *rest):
+        (state, *_), loss = one_step((state, *rest), None)
+        return state, loss
+
+    def train_steps(state, *args):
+        *rest, n = args
+        rest = jax.device_put(rest)  # host arrays go to the device once, not per step
+        losses = []
+        for _ in range(n):
+            state, loss = step(state, *rest)
+            losses.append(loss)
+        return state, jnp.stack(losses) if losses else jnp.zeros((0,), jnp.float32)
+
+    return train_steps
+
+
+def make_train_steps(
+    model: nn.Module, sched: NoiseSchedule, cfg: TrainConfig, loop: str | None = None
+):
+    """-> `fn(state, images_u8, key, n) -> (state, losses[n])`, n static; `loop`
+    "scan" | "python" | None (by backend: "python" on CPU), see the module doc."""
     tx = make_optimizer(cfg)
 
     def one_step(carry, _):
@@ -101,6 +152,9 @@ def make_train_steps(model: nn.Module, sched: NoiseSchedule, cfg: TrainConfig):
         )
         return (_apply_grads(state, grads, tx, cfg), images, key), loss
 
+    if _resolve_loop(loop) == "python":
+        return _python_steps(one_step)
+
     @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
     def train_steps(state: TrainState, images: jax.Array, key: jax.Array, n: int):
         (state, _, _), losses = jax.lax.scan(
@@ -111,13 +165,15 @@ def make_train_steps(model: nn.Module, sched: NoiseSchedule, cfg: TrainConfig):
     return train_steps
 
 
-def make_flow_train_steps(model: nn.Module, flow: FlowConfig, cfg: TrainConfig):
-    """-> jitted `fn(state, images_u8, labels, key, n) -> (state, losses[n])`.
+def make_flow_train_steps(
+    model: nn.Module, flow: FlowConfig, cfg: TrainConfig, loop: str | None = None
+):
+    """-> `fn(state, images_u8, labels, key, n) -> (state, losses[n])`.
 
     The flow-matching objective for a `DiT`; `labels` int32[N] (ignored by an
     unconditional model: pass any array of the images' length). Same batching,
     keys (fold_in(key, step)) and update as `make_train_steps`, so resuming is
-    exact here too.
+    exact here too; `loop` None is "scan" on every backend (module doc).
     """
     tx = make_optimizer(cfg)
     mcfg = model.config
@@ -134,6 +190,9 @@ def make_flow_train_steps(model: nn.Module, flow: FlowConfig, cfg: TrainConfig):
             state.params, model, flow, x0, y, k_loss, null
         )
         return (_apply_grads(state, grads, tx, cfg), images, labels, key), loss
+
+    if _resolve_loop(loop, cpu="scan") == "python":
+        return _python_steps(one_step)
 
     @functools.partial(jax.jit, static_argnums=4, donate_argnums=0)
     def train_steps(state, images, labels, key, n: int):
