@@ -40,7 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9995
-    steps_per_call: int = 50  # train steps per jitted call (lax.scan)
+    steps_per_call: int = 50  # train steps per host call (a lax.scan; on CPU a loop)
     ckpt_every: int = 1000
     seed: int = 0
 
