@@ -130,11 +130,13 @@ def load_source(source: str | None):
         return None
     if source.startswith(FACTORY_PREFIX):
         return load_user_model(source[len(FACTORY_PREFIX) :])
+    from tmpq_jax.checkpoint import REPO_ROOT
     from tmpq_jax.sampling import load_model
 
-    if not Path(source).is_dir():
-        raise UserError(
-            f"the genome's model {source} is not found; name the model it was "
-            "searched on."
-        )
-    return load_model(source)
+    for path in (Path(source), REPO_ROOT / source):  # as written: repo-relative
+        if path.is_dir():
+            return load_model(path)
+    raise UserError(
+        f"the genome's model {source} is not found; name the model it was "
+        "searched on."
+    )

@@ -35,7 +35,6 @@ import ml_collections
 from tmpq_jax.errors import UserError
 from tmpq_jax.quant.supernet import DEFAULT_CANDIDATES, check_candidates
 
-STRATEGIES = ("tmpq_ga", "simple_ga", "cma_es", "random")
 TIMESTEP_MODES = ("grouped", "free", "variable")
 SPACES = ("joint", "precision", "timesteps")
 CONSTRAINTS = ("repair", "penalty")
@@ -131,7 +130,9 @@ class EvolutionConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _one_of("strategy", self.strategy, STRATEGIES)
+        from tmpq_jax.search.strategies import REGISTRY  # lazy: it imports this module
+
+        _one_of("strategy", self.strategy, REGISTRY)
         _at_least(self, ("population", "generations"), 1)
         if self.population < 4:
             raise UserError(f"search.population={self.population}: use at least 4.")
