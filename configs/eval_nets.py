@@ -19,10 +19,10 @@ def get_config(arg="eval_resnet"):
     if arg == "eval_resnet":
         c.update(objective="labels", seed=1, num_steps=500)
     elif arg == "eval_simclr":
-        c.update(objective="contrastive", seed=2, num_steps=400)
+        c.update(objective="contrastive", seed=2, num_steps=250)
     elif arg == "fitness_b":
         c.model.update(arch="cnn", widths=(8, 16, 32), feature_dim=32)
-        c.update(objective="labels", seed=3, num_steps=400)
+        c.update(objective="labels", seed=3, num_steps=300)
     else:
         raise ValueError(
             f"unknown variant {arg!r}: eval_resnet, eval_simclr, fitness_b"

@@ -1,6 +1,6 @@
-"""A feature net small enough to train in minutes on a CPU (about 0.5 s a step on
-two busy cores at 28x28): a 3-stage `resnet` of widths 16-32-32 with 32 feature
-dims, 600 steps of batch 128. With labels it is a classifier, without them a
+"""A feature net small enough to train on a CPU: a 3-stage `resnet` (stride-2 stem)
+of widths 16-32-32 with 32 feature dims, 600 steps of batch 128 (about 1.3 s a step
+at 28x28 on a 2-core machine shared with other jobs: ~13 minutes; 16x16 is faster). With labels it is a classifier, without them a
 SimCLR net (see tmpq_jax/metrics/train_classifier.py).
 
   tmpq train-classifier --config configs/feature_net_cpu.py --data FILE.npz --workdir DIR

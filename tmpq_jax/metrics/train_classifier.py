@@ -394,12 +394,13 @@ def _write_outputs(
     save_params(tmp / PARAMS_DIR, params)
     shape = list(splits.image_shape)
     fmnist = splits.name == "fmnist"
+    arch = model_cfg.arch
     what = (
-        "Fashion-MNIST classifier; its penultimate layer is the feature space of "
-        "'FID (FMNIST classifier features)' (not Inception FID)"
+        f"Fashion-MNIST classifier ({arch}); its penultimate layer is a FID feature "
+        "space (not Inception FID)"
         if fmnist and objective == "labels"
-        else f"{objective} feature net of {splits.name}; its penultimate layer is a "
-        "FID feature space (not Inception FID)"
+        else f"{objective} feature net ({arch}) of {splits.name}; its penultimate "
+        "layer is a FID feature space (not Inception FID)"
     )
     card = {
         "what": what,
