@@ -19,6 +19,7 @@ from tmpq_jax.quant import unet_registry
 from tmpq_jax.sampling import LoadedModel
 from tmpq_jax.search import SearchConfig, SearchRunConfig, build_setup
 from tmpq_jax.search.config import EvolutionConfig, default_configdict
+from tmpq_jax.search.outputs import rescore_and_select
 
 CPU = "configs/fmnist_search_cpu.py"
 TINY = dict(population=4, generations=2, num_samples=16, rescore_samples=24)
@@ -72,7 +73,7 @@ def _images(shape, n=16, seed=9):
     return jax.random.uniform(jax.random.key(seed), (n, *shape), minval=-1)
 
 
-def test_fitness_reads_train_statistics_never_test(parts):
+def test_fitness_reads_train_statistics_never_test(parts, monkeypatch):
     _, _, shape, nets = parts
     net, st = nets[0]
     poisoned = {k: (v * np.nan if "test" in k else v) for k, v in st.items()}
@@ -85,6 +86,14 @@ def test_fitness_reads_train_statistics_never_test(parts):
     assert np.isfinite(got) and got == pytest.approx(want, rel=1e-3)
     # The selection of the final top-k reads the train split too.
     assert setup.select_score(np.asarray(x)) == pytest.approx(want, rel=1e-3)
+    # The search's outputs rank their top-k the same way: with test statistics
+    # poisoned, the selection score stays finite (only the report reads them).
+    nan_report = lambda self, images, key=None: {"fid": float("nan")}  # test split
+    monkeypatch.setattr(type(setup), "report", nan_report)
+    report, imgs, select = rescore_and_select(
+        setup, np.asarray(setup.space.seed), False
+    )
+    assert np.isfinite(select) and not np.isfinite(report["fid"])
     # Without train statistics there is nothing to optimize: refused, one line.
     only_test = {k: v for k, v in st.items() if "train" not in k}
     with pytest.raises(UserError, match="train split") as e:

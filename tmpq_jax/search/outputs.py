@@ -88,13 +88,16 @@ def top_k_distinct(t: dict, mask: np.ndarray, k: int) -> list[int]:
     return out
 
 
-def rescore_images(setup: Setup, sample_fn, progress: bool = False) -> np.ndarray:
+def rescore_images(
+    setup: Setup, sample_fn, progress: bool = False, with_noise: bool = False
+):
     """`rescore_samples` images from `sample_fn(x_T)`, on fresh noise that never
-    overlaps the fitness noise, clipped to [-1, 1] (NaN kept for the caller)."""
+    overlaps the fitness noise, clipped to [-1, 1] (NaN kept for the caller);
+    `with_noise`: (images, x_T)."""
     cfg, c = setup.run.search, setup.lm.config
     key = jax.random.fold_in(jax.random.key(NOISE_STREAM), RESCORE_STREAM)
     n, bs = cfg.rescore_samples, min(cfg.rescore_batch, cfg.rescore_samples)
-    out = []
+    out, noise = [], []
     for b in tqdm(
         range(-(-n // bs)), disable=not progress, desc="rescore", leave=False
     ):
@@ -102,11 +105,23 @@ def rescore_images(setup: Setup, sample_fn, progress: bool = False) -> np.ndarra
             jax.random.fold_in(key, b), (bs, c.image_size, c.image_size, c.channels)
         )
         out.append(np.asarray(sample_fn(x)))
-    return np.clip(np.concatenate(out)[:n], -1.0, 1.0)
+        noise.append(np.asarray(x))
+    images = np.clip(np.concatenate(out)[:n], -1.0, 1.0)
+    return (images, np.concatenate(noise)[:n]) if with_noise else images
 
 
 def rescore(setup: Setup, ev: Evaluator, genome: np.ndarray, progress: bool):
-    """(scores, images) of `rescore_samples` fresh samples of one genome."""
+    """(scores, images) of `rescore_samples` fresh samples of one genome; `ev`
+    scores them (the test split: a figure to report, never to select by)."""
+    scores, images, _ = rescore_and_select(setup, genome, progress, ev)
+    return scores, images
+
+
+def rescore_and_select(setup: Setup, genome, progress: bool, ev=None):
+    """(report, images, select): fresh samples of one genome, reported on the
+    test split (`setup.report`, or `ev`) and scored for selection by what the
+    search may use (`setup.select_score`: train split or teacher; lower is
+    better)."""
     sample = setup.engine.problem.jitted_sample  # compiled once per problem
     mesh = setup.engine.mesh
 
@@ -114,10 +129,11 @@ def rescore(setup: Setup, ev: Evaluator, genome: np.ndarray, progress: bool):
         x = sharding.split_batch(x, mesh)
         return sharding.gather(sample(setup.assets, genome, x))
 
-    images = rescore_images(setup, sample_fn, progress)
+    images, x_T = rescore_images(setup, sample_fn, progress, with_noise=True)
     if not np.isfinite(images).all():
-        return {"fid": float("inf"), "finite": False}, images
-    return ev.score(images), images
+        return {"fid": float("inf"), "finite": False}, images, float("inf")
+    report = ev.score(images) if ev is not None else setup.report(images)
+    return report, images, setup.select_score(images, x_T)
 
 
 def _portable(path: Path | None) -> str | None:
@@ -183,11 +199,13 @@ def write_outputs(
             ],
         },
     )
-    ev = Evaluator.from_parts(setup.assets.net, setup.stats)
+    # Ranked by what the search may use (train split / teacher); the test split
+    # only reports (`rescored`), it never picks the genome.
     ranked, grids = [], {}
     for rank, i in enumerate(top_k_distinct(t, mask, cfg.rescore_top_k)):
-        scores, images = rescore(setup, ev, t["genomes"][i], progress)
-        ranked.append((scores["fid"], rank, i, scores))
+        scores, images, select = rescore_and_select(setup, t["genomes"][i], progress)
+        scores = dict(scores, select=cfg.select, select_score=float(select))
+        ranked.append((select, rank, i, scores))
         grids[i] = images[:100]
     ranked.sort(key=lambda r: (r[0], r[1]))
     best_images = grids[ranked[0][2]]
