@@ -79,7 +79,10 @@ class LoadedModel:
         Sampling, calibration and the search take it as they take the shipped UNet.
         Its card holds a hash of `params`, so calibrations and search checkpoints
         made for other weights are never reused."""
+        from tmpq_jax.diffusion.flow import check_sampler
         from tmpq_jax.metrics.feature_net import params_fingerprint
+
+        check_sampler("ddim", getattr(model, "config", "eps"))  # eps models only
 
         diffusion = diffusion if diffusion is not None else DiffusionConfig()
         shape = ImageShape(int(image_size), int(channels))

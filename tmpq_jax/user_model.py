@@ -81,6 +81,17 @@ def _check(spec: str, out) -> tuple:
         raise UserError(f"{spec}(): a Linen module needs its params dict; {how}.")
     if not isinstance(info, dict) or not {"image_size", "channels"} <= set(info):
         raise UserError(f"{spec}(): the spec needs image_size and channels; {how}.")
+    from tmpq_jax.diffusion.flow import prediction_of
+
+    declared = info.get("prediction") or getattr(
+        getattr(module, "config", None), "prediction", "eps"
+    )
+    if prediction_of(declared) != "eps":  # the sampler and calibration run DDIM
+        raise UserError(
+            f"{spec}(): a {prediction_of(declared)}-prediction model; --model takes "
+            "noise-prediction (eps) models for now (sample a DiT with tmpq sample "
+            "--checkpoint)."
+        )
     return module, params, info
 
 
@@ -137,6 +148,5 @@ def load_source(source: str | None):
         if path.is_dir():
             return load_model(path)
     raise UserError(
-        f"the genome's model {source} is not found; name the model it was "
-        "searched on."
+        f"the genome's model {source} is not found; name the model it was searched on."
     )
