@@ -29,6 +29,12 @@ FACTORY = textwrap.dedent(
     def not_flax():
         return object(), {}, {"image_size": 16, "channels": 1}
 
+    def wrong_shape():
+        model = bm.LinenDiT()
+        x, t = bm.inputs(1)
+        return model, model.init(jax.random.key(0), x, t)["params"], {
+            "image_size": 20, "channels": 1}
+
     def flow():
         model = bm.LinenDiT()
         x, t = bm.inputs(1)
@@ -68,6 +74,8 @@ def test_bad_model_specs_are_one_line(factory, capsys, tmp_path):
     _one_line_error(capsys, ["layers", "--model", f"{factory}:not_flax"], "not a Flax")
     _one_line_error(capsys, ["layers", "--model", "nocolon"], "FILE.py:factory")
     _one_line_error(capsys, ["layers", "--model", f"{factory}:flow"], "velocity-pred")
+    argv = ["layers", "--model", f"{factory}:wrong_shape"]
+    _one_line_error(capsys, argv, "does not run as model(x, t)")
     argv = ["layers", "--model", f"{factory}:linen_dit", "--checkpoint", "x"]
     _one_line_error(capsys, argv, "not both")
 

@@ -121,7 +121,32 @@ def load_user_model(spec: str):
     )
     lm.source = FACTORY_PREFIX + spec
     lm.keep_float = tuple(info.get("keep_float", ()))
+    _check_runs(spec, lm)
     return lm
+
+
+def _check_runs(spec: str, lm) -> None:
+    """One abstract call as the library will make it: model(x, t) on the spec's
+    image shape; a model that takes other inputs is refused here, in one line."""
+    import jax
+    import jax.numpy as jnp
+
+    c = lm.config
+    x = jax.ShapeDtypeStruct((1, c.image_size, c.image_size, c.channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    try:
+        jax.eval_shape(
+            lambda p, x, t: lm.model.apply({"params": p}, x, t), lm.params, x, t
+        )
+    except UserError:
+        raise
+    except Exception as e:  # the user's code: its first line says where
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"{spec}(): the module does not run as model(x, t) on x f32[1, "
+            f"{c.image_size}, {c.image_size}, {c.channels}], t int32[1] "
+            f"({type(e).__name__}: {first})."
+        ) from None
 
 
 def resolve_model(checkpoint=None, model: str | None = None):
