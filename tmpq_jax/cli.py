@@ -91,12 +91,22 @@ def cmd_sample(args, overrides) -> int:
                 "--dtype: the int8 model samples in float32; leave it out with --genome."
             )
         lm, genome = load_genome_model(
-            args.genome, args.checkpoint, args.calibration, model_spec=args.model
+            args.genome,
+            args.checkpoint,
+            args.calibration,
+            model_spec=args.model,
+            pick=args.pick,
         )
         ts = genome.timesteps
+        if args.pick is not None:
+            print(
+                f"--pick {args.pick:.4g}: the front's point of "
+                f"{genome.meta['total_bitops']:.4g} total BitOPs, {len(ts)} steps"
+            )
     else:
-        if args.calibration:
-            raise UserError("--calibration is only used with --genome.")
+        for flag, v in (("--calibration", args.calibration), ("--pick", args.pick)):
+            if v is not None:
+                raise UserError(f"{flag} is only used with --genome.")
         lm = resolve_model(args.checkpoint, args.model)
         if args.dtype:
             lm = lm.with_dtype(args.dtype)
@@ -375,6 +385,13 @@ def cmd_search(args, overrides) -> int:
         f"(budget {r['budget_bitops'] / 1e9:.2f}); timesteps {r['timesteps']}"
     )
     result = Path(args.workdir) / "result.json"
+    if r.get("front"):
+        f, wd = r["front"], Path(args.workdir)
+        print(
+            f"front: {f['points']} genomes, {min(f['total_bitops']) / 1e9:.2f} to "
+            f"{max(f['total_bitops']) / 1e9:.2f} GBitOPs, in {wd / f['file']} "
+            f"(tmpq sample --genome {wd / f['file']} --pick BITOPS serves one)"
+        )
     if r.get("reused"):
         print(
             f"{args.workdir} holds this search finished: nothing run; the result is "
@@ -428,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         help="with --genome: calibration dir (default: the one the genome names)",
     )
+    s.add_argument(
+        "--pick",
+        type=float,
+        metavar="BITOPS",
+        help="with --genome front.json: the front's point with the most total "
+        "BitOPs at or below BITOPS",
+    )
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     s.add_argument(
         "--solver", choices=["ddim", "euler", "heun"], help="euler/heun: a DiT's"
@@ -453,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoint": "--checkpoint",
             "model_spec": "--model",
             "guidance": "--guidance",
+            "pick": "--pick",
         },
     )
 

@@ -15,6 +15,10 @@ applied to:
      "bitops_per_step": ..., "total_bitops": ..., "size_bits": ...,
      ...}                                       # any other key (fid, ...) is kept, ignored
 
+A front search's `front.json` is such a file (its best point) with every point of
+the front, each a genome object of its own, under `"front"`; `read_genome(...,
+pick=BITOPS)` reads the point with the most total BitOPs at or below BITOPS.
+
 The left operand of an attention `av` matmul is the softmax output, pinned at 8 bits
 (`registry.pinned_lhs_bits`): its `a_bits` gene is inert. It is written as the pinned
 width and, on reading, any value there is accepted and mapped to a valid candidate.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +37,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from tmpq_jax.errors import UserError
+from tmpq_jax.errors import ArgumentError, UserError
 from tmpq_jax.files import write_json
 from tmpq_jax.quant import cost
 from tmpq_jax.quant.registry import LayerRegistry
@@ -153,6 +158,32 @@ def _load_json(path: Path) -> dict:
     return d
 
 
+def pick_from_front(d: dict, bitops: float, where: str) -> dict:
+    """The point of a front file's `"front"` list (a front search's `front.json`)
+    with the most total BitOPs at or below `bitops`: its genome dict."""
+    front = d.get("front")
+    if not isinstance(front, list) or not front:
+        raise ArgumentError(
+            "pick",
+            f"{where} holds no front; {{arg}} reads the front.json of a search run "
+            "with search.objective=front.",
+        )
+    costs = [p.get("total_bitops") if isinstance(p, dict) else None for p in front]
+    if not all(isinstance(c, int | float) for c in costs):
+        raise UserError(f"{where}: every front point needs a number 'total_bitops'.")
+    if not math.isfinite(bitops):
+        raise ArgumentError("pick", f"{{arg}}={bitops}: give a number of BitOPs.")
+    fits = [i for i, c in enumerate(costs) if cost.within_budget(c, bitops)]
+    if not fits:
+        low = min(costs)
+        raise ArgumentError(
+            "pick",
+            f"{{arg}}={bitops:.4g} is below the cheapest point of {where}'s front "
+            f"({low:.4g} total BitOPs); use at least {low:.4g}.",
+        )
+    return front[max(fits, key=lambda i: costs[i])]
+
+
 def _gene(entry, name: str, field: str, cands, where: str, inert: bool) -> int:
     v = entry.get(field) if isinstance(entry, dict) else None
     if inert:  # the pinned softmax operand: any value, mapped to a valid candidate
@@ -174,12 +205,17 @@ def read_genome(
     registry: LayerRegistry,
     candidates: Sequence[int] | None = None,
     num_timesteps: int = 1000,
+    pick: float | None = None,
 ) -> Genome:
     """Reads and validates a genome file against `registry` (layer names, all
-    present), `candidates` (default: the file's own) and the timestep range."""
+    present), `candidates` (default: the file's own) and the timestep range.
+    `pick`: a front file's point closest to (at or below) these total BitOPs."""
     path = Path(path)
     where = str(path)
     d = _load_json(path)
+    if pick is not None:
+        d = pick_from_front(d, pick, where)
+        where = f"{where} (the front's point of {d['total_bitops']:.4g} BitOPs)"
     if candidates is None:
         if "candidates" not in d:
             raise UserError(

@@ -70,11 +70,13 @@ def load_genome_model(
     calibration: str | os.PathLike | None = None,
     model: LoadedModel | None = None,
     model_spec: str | None = None,
+    pick: float | None = None,
 ) -> tuple[ServedModel, Genome]:
     """Reads a genome file, loads the model (the one in hand as `model`, e.g.
     `LoadedModel.from_module`; else `checkpoint` or the factory `model_spec`; else
     the one the genome names, or the shipped one) and the calibration, refuses
-    mismatches, and CONVERTs: (ServedModel, Genome)."""
+    mismatches, and CONVERTs: (ServedModel, Genome). `pick`: a front file's point
+    closest to (at or below) these total BitOPs."""
     from tmpq_jax.genome_file import _load_json
     from tmpq_jax.user_model import load_source, resolve_model
 
@@ -94,7 +96,9 @@ def load_genome_model(
             "searched on.",
         )
     reg: LayerRegistry = lm.layer_registry()
-    genome = read_genome(genome_path, reg, num_timesteps=lm.diffusion.num_timesteps)
+    genome = read_genome(
+        genome_path, reg, num_timesteps=lm.diffusion.num_timesteps, pick=pick
+    )
     calib = resolve_calibration(
         genome.meta.get("calibration"), genome_path, calibration
     )

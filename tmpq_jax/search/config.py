@@ -48,6 +48,9 @@ FITNESSES = ("fid", "teacher", "ensemble")
 # the train split). Never an evaluation space: those only report.
 SELECTIONS = ("fitness", *FITNESSES, "pixels")
 TEACHER_SCHEDULES = ("quad", "uniform")
+# single: the best genome at the budget; front: the (fitness, total BitOPs) front
+# below it, from one search (a strategy of two objectives: nsga2).
+OBJECTIVES = ("single", "front")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -118,7 +121,8 @@ class BudgetConfig:
 class EvolutionConfig:
     """The strategy and its population (TMPQ-DM's GA by default)."""
 
-    strategy: str = "tmpq_ga"
+    strategy: str = "tmpq_ga"  # objective=front: this default becomes nsga2
+    objective: str = "single"  # single | front (see OBJECTIVES)
     population: int = 50
     generations: int = 20  # including generation 0 (the initial population)
     elite_frac: float = 0.2  # paper: top 10 of 50
@@ -133,6 +137,16 @@ class EvolutionConfig:
         from tmpq_jax.search.strategies import REGISTRY  # lazy: it imports this module
 
         _one_of("strategy", self.strategy, REGISTRY)
+        _one_of("objective", self.objective, OBJECTIVES)
+        if self.objective == "front" and self.strategy == "tmpq_ga":
+            object.__setattr__(self, "strategy", "nsga2")
+        fronts = [n for n, c in REGISTRY.items() if getattr(c, "objectives", 1) > 1]
+        if (self.strategy in fronts) != (self.objective == "front"):
+            raise UserError(
+                f"search.strategy={self.strategy!r} with objective={self.objective!r}: "
+                f"a front (objective='front') is searched by one of {fronts}, a "
+                "single genome by the others."
+            )
         _at_least(self, ("population", "generations"), 1)
         if self.population < 4:
             raise UserError(f"search.population={self.population}: use at least 4.")
@@ -272,6 +286,17 @@ class SearchConfig:
 
     def validate(self) -> None:
         """Checks across groups (each group checks its own settings)."""
+        if (
+            self.objective == "front"
+            and self.space == "timesteps"
+            and self.timestep_mode != "variable"
+        ):
+            raise UserError(
+                "search.objective='front' has one objective here: with "
+                f"space='timesteps' and timestep_mode={self.timestep_mode!r} every "
+                "genome costs the same BitOPs; search bits (space=joint or precision) "
+                "or the step count (timestep_mode=variable), or use objective=single."
+            )
         if self.fitness == "teacher" and self.teacher_steps < self.num_steps:
             raise UserError(
                 f"search.teacher_steps={self.teacher_steps} is fewer than the "

@@ -121,6 +121,13 @@ class Engine:
         )
         return genomes, fid, fitness, bitops
 
+    def _told(self, fitness: jax.Array, bitops: jax.Array) -> jax.Array:
+        """What the strategy learns from: the fitness, or (fitness, total BitOPs)
+        per genome for a strategy of two objectives (a front)."""
+        if getattr(self.strategy, "objectives", 1) == 1:
+            return fitness
+        return jnp.stack([fitness, bitops], axis=-1)
+
     def first_generation(self, assets: Assets, seed: jax.Array) -> SearchState:
         """`seed`: int32 scalar (traced: one program serves every seed)."""
         seed = jnp.asarray(seed, jnp.int32)
@@ -128,7 +135,8 @@ class Engine:
         genomes, fid, fitness, bitops = self.evaluate(assets, genomes)
         if self.strategy.learns_repair:
             raw = genomes
-        state = self.strategy.start(self._key(seed, 0, 1), raw, fitness)
+        told = self._told(fitness, bitops)
+        state = self.strategy.start(self._key(seed, 0, 1), raw, told)
         archive = Archive.empty(
             self.cfg.generations, self.cfg.population, genomes.shape[1]
         )
@@ -141,7 +149,8 @@ class Engine:
         genomes, fid, fitness, bitops = self.evaluate(assets, genomes)
         if self.strategy.learns_repair:
             raw = genomes
-        state = self.strategy.tell(self._key(s.seed, gen, 1), raw, fitness, state)
+        told = self._told(fitness, bitops)
+        state = self.strategy.tell(self._key(s.seed, gen, 1), raw, told, state)
         archive = s.archive.put(gen, genomes, fid, fitness, bitops)
         return _strong(SearchState(s.seed, gen + 1, state, archive))
 

@@ -9,6 +9,8 @@
   (`tmpq sample --genome result.json` samples from it).
 * plots: FID vs BitOPs with the front, the per-layer bit allocation, the chosen
   timesteps against quad, and a sample grid of the best genome.
+* a front search (`search.objective=front`): `front.json` and `front.png`
+  (`front.py`).
 """
 
 from __future__ import annotations
@@ -237,6 +239,10 @@ def write_outputs(
         search=cfg.to_dict(),
         **provenance(_command()),
     )
+    if cfg.objective == "front":  # front.json and front.png
+        from tmpq_jax.search.front import write_front
+
+        result["front"] = write_front(setup, t, mask, front, workdir)
     write_genome(workdir / RESULT_FILE, result)
     save_grid(to_uint8(best_images[:100]), workdir / "best_samples.png", nrow=10)
     plots.write_all(setup, t, mask, front, top[0], workdir)

@@ -4,6 +4,8 @@
 * `simple_ga`, `cma_es`: evosax's built-ins on continuous genes in the unit box,
   decoded with `GenomeSpace.from_unit` (floor into each gene's range).
 * `random`: uniform genomes of the box (the seed genome is in generation 0).
+* `nsga2`: NSGA-II over (fitness, total BitOPs), the front in one search
+  (`nsga2.py`; `search.objective=front`).
 
 `search.strategy` names a class of `REGISTRY`; `make_strategy` builds it as
 `cls(cfg, space)`. A new strategy is a class with the four methods of `Strategy`
@@ -51,6 +53,9 @@ class Strategy(Protocol):
     `genomes`: int32[n, D] in the box; `state`: any pytree."""
 
     learns_repair: bool  # told the genomes as scored (repaired), not its raw ones
+    # 1: told the fitness, float[n]; 2: told (fitness, total BitOPs), float[n, 2]
+    # (a front: `search.objective=front`, e.g. `nsga2.py`).
+    objectives: int
 
     def first(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Generation 0: (raw, genomes) of `population` genomes."""
@@ -100,6 +105,7 @@ class StrategyBase:
     as the paper's first population (int genomes, `raw` == `genomes`)."""
 
     learns_repair = True
+    objectives = 1
 
     def __init__(self, cfg: SearchConfig, space: GenomeSpace):
         self.cfg, self.space = cfg, space
@@ -237,3 +243,7 @@ class CMAESStrategy(UnitBoxStrategy):
 
     def start(self, key, raw, fitness):
         return self.algo.init(key, raw[self._best(fitness)[0]], self.params)
+
+
+# Strategies kept in modules of their own register when imported.
+from tmpq_jax.search import nsga2  # noqa: E402, F401
