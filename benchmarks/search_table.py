@@ -150,7 +150,7 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
 
 def merge(paths: list[str], out_dir: str | None) -> Path:
     """One table from part files (a merged table may be one of them: its parts are
-    kept); a row measured again (same budget, method, seed) replaces the earlier.
+    kept); a row measured again (same budget, method, seed, fitness) replaces the earlier.
     A row without its own device, date and command (written before rows carried
     them) takes its part file's, unless that file is itself a merge of several
     (whose top-level provenance is only its last part's)."""
@@ -160,8 +160,9 @@ def merge(paths: list[str], out_dir: str | None) -> Path:
         fill = len(p.get("parts", [p])) == 1
         for r in p["rows"]:
             r = {**{k: p[k] for k in ROW_PROVENANCE}, **r} if fill else r
-            rows.pop((r["budget"], r["method"], r["seed"]), None)
-            rows[(r["budget"], r["method"], r["seed"])] = r
+            key = (r["budget"], r["method"], r["seed"], r.get("fitness", "fid"))
+            rows.pop(key, None)
+            rows[key] = r
     payload = {
         **parts[-1],
         "rows": list(rows.values()),
@@ -189,7 +190,8 @@ def main() -> None:
         return
     out = Path(args.out_dir or RESULTS) / f"search_table_{args.budget}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
-    done = {(r["method"], r["seed"]) for r in rows}
+    fitness = _run_config(args.budget, "joint", 0, args.override).search.fitness
+    done = {(r["method"], r["seed"]) for r in rows if r.get("fitness", "fid") == fitness}
     root = Path(args.workdir_root)
     for method in args.methods.split(","):
         seeds = (

@@ -20,11 +20,14 @@ from tmpq_jax.errors import ArgumentError
 from tmpq_jax.models.dit import DiT, DiTConfig
 
 
-def make_sampler(config: DiTConfig, params, solver: str = "euler"):
-    """Jitted (key, times, labels | None, scale | None) -> x_0 [B, H, W, C]."""
+def make_sampler(config: DiTConfig, params, solver: str = "euler", model_fn=None):
+    """Jitted (key, times, labels | None, scale | None) -> x_0 [B, H, W, C];
+    `model_fn(x, t, *y)`: the model (default: the float DiT of `params`)."""
     check_sampler(solver, config)
-    model = DiT(config)
-    fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
+    if model_fn is None:
+        model = DiT(config)
+        model_fn = lambda x, t, *y: model.apply({"params": params}, x, t, *y)  # noqa: E731
+    fn = model_fn
 
     @jax.jit
     def guided(key, times, labels, scale):
@@ -58,9 +61,13 @@ def sample_dit(
     shift: float = 1.0,
     solver: str = "euler",
     batch_size: int = 500,
+    model_fn=None,
+    times=None,
 ) -> np.ndarray:
     """`num` images in [-1, 1]: class `label` (None: balanced over the classes),
-    guided at scale `guidance` (None: the conditional model alone)."""
+    guided at scale `guidance` (None: the conditional model alone). `model_fn`:
+    another model than the float one of `params` (the int8 one of a genome);
+    `times`: the grid (1 -> 0) instead of `steps` shifted ones."""
     if num < 1:
         raise ArgumentError("num", f"{{arg}}={num}: ask for at least one image.")
     if steps < 1:
@@ -72,8 +79,10 @@ def sample_dit(
             "guidance",
             "this DiT is unconditional (no classes): leave out the class and {arg}.",
         )
-    run = make_sampler(config, params, solver)
-    times = jnp.asarray(flow_times(steps, shift), jnp.float32)
+    run = make_sampler(config, params, solver, model_fn)
+    if times is None:
+        times = flow_times(steps, shift)
+    times = jnp.asarray(times, jnp.float32)
     k_lab, k_x = jax.random.split(key)
     batch = min(batch_size, num)
     if not config.conditional:

@@ -97,6 +97,19 @@ class LoadedModel:
         }
         return cls(shape, diffusion, params, card, model=model)
 
+    # What the model predicts and takes: a noise-prediction model of (x, t int).
+    # `flow_model.FlowModel` overrides these for velocity models with labels.
+    prediction: str = "eps"
+    num_classes: int = 0  # > 0: class-conditional, called as model(x, t, y)
+
+    def example_inputs(self, batch: int = 1) -> tuple:
+        """Abstract inputs of one forward: (x, t) here."""
+        c = self.config
+        x = jax.ShapeDtypeStruct(
+            (batch, c.image_size, c.image_size, c.channels), jnp.float32
+        )
+        return x, jax.ShapeDtypeStruct((batch,), jnp.int32)
+
     def layer_registry(self, check: bool = True):
         """The model's quantizable ops (`quant.LayerRegistry`), traced at batch 1;
         `check`: refuse a model whose every matmul/conv is not quantized, except
@@ -104,12 +117,9 @@ class LoadedModel:
         from tmpq_jax.quant.coverage import check_coverage
         from tmpq_jax.quant.registry import build_registry
 
-        c = self.config
-        x = jax.ShapeDtypeStruct(
-            (1, c.image_size, c.image_size, c.channels), jnp.float32
+        reg = build_registry(
+            self.model, {"params": self.params}, *self.example_inputs(1)
         )
-        t = jax.ShapeDtypeStruct((1,), jnp.int32)
-        reg = build_registry(self.model, {"params": self.params}, x, t)
         if check:
             check_coverage(reg, self.keep_float)
         return reg
@@ -131,6 +141,10 @@ class LoadedModel:
     def eps_fn(self, params):
         return lambda x, t: self.model.apply({"params": params}, x, t)
 
+    def model_fn(self, params):
+        """The model as a function of its inputs (`example_inputs`)."""
+        return self.eps_fn(params)
+
     def with_dtype(self, dtype: str) -> LoadedModel:
         if not isinstance(self.config, UNetConfig):
             raise UserError(
@@ -145,9 +159,16 @@ class LoadedModel:
 
 
 def load_model(path: str | Path | None = None) -> LoadedModel:
-    """Loads an exported model (default: the shipped Fashion-MNIST UNet)."""
+    """Loads an exported model (default: the shipped Fashion-MNIST UNet); a
+    velocity-prediction (flow) one comes back as a `flow_model.FlowModel`."""
+    from tmpq_jax.diffusion.flow import prediction_of
+
     path = Path(path) if path is not None else SHIPPED_MODEL
     card = read_card(path)
+    if prediction_of(card) == "velocity":
+        from tmpq_jax.flow_model import load_flow_model
+
+        return load_flow_model(path)
     try:
         cfg = UNetConfig.from_dict(card["config"]["model"])
         diff = DiffusionConfig(**card["config"]["diffusion"])

@@ -31,10 +31,19 @@ class ServedModel(LoadedModel):
     def __init__(self, lm: LoadedModel, qmodel: QuantizedModel, registry):
         self.registry = registry
         super().__init__(lm.config, lm.diffusion, qmodel, lm.card, model=lm.model)
+        self.prediction, self.num_classes = lm.prediction, lm.num_classes
 
     def eps_fn(self, params):
-        return lambda x, t: serve_apply(
-            self.model, params, x, t, registry=self.registry
+        if self.prediction != "eps":
+            from tmpq_jax.diffusion.flow import check_sampler
+
+            check_sampler("ddim", self.prediction)
+        return self.model_fn(params)
+
+    def model_fn(self, params):
+        """(x, t, *y) -> the int8 model's output (labels y: a conditional model)."""
+        return lambda x, t, *y: serve_apply(
+            self.model, params, x, t, *y, registry=self.registry
         )
 
     def with_dtype(self, dtype: str) -> LoadedModel:

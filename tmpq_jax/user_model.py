@@ -166,12 +166,21 @@ def load_source(source: str | None):
         return None
     if source.startswith(FACTORY_PREFIX):
         return load_user_model(source[len(FACTORY_PREFIX) :])
-    from tmpq_jax.checkpoint import REPO_ROOT
     from tmpq_jax.sampling import load_model
+
+    return load_model(resolve_source(source))
+
+
+def resolve_source(source: str | None) -> Path | None:
+    """The checkpoint directory a genome's `model` key names (None: none, or a
+    factory)."""
+    if not source or source.startswith(FACTORY_PREFIX):
+        return None
+    from tmpq_jax.checkpoint import REPO_ROOT
 
     for path in (Path(source), REPO_ROOT / source):  # as written: repo-relative
         if path.is_dir():
-            return load_model(path)
+            return path
     raise UserError(
         f"the genome's model {source} is not found; name the model it was searched on."
     )

@@ -243,3 +243,32 @@ def flow_sample(
     velocity model. Returns x_0 (unclipped)."""
     check_sampler(solver, model)
     return SOLVERS[solver](velocity_fn, x1, times)
+
+
+# --- integer time genes ---------------------------------------------------------
+# The search's genomes are integer vectors; gene k stands for the time
+# t = (k + 1) / R (k in [0, R), so t in (0, 1]), R = `resolution`.
+
+
+def gene_times(genes, resolution: int):
+    """Model-evaluation times of integer time genes (numpy or jax)."""
+    return (genes + 1.0) / resolution
+
+
+def flow_gene_groups(
+    num_steps: int, shift: float = 1.0, resolution: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) int32[N], ascending, hi exclusive: group i holds the genes whose
+    time lies in (e_{i-1}, e_i] (`flow_group_bounds`); its largest gene, hi - 1,
+    is the upper edge e_i, so the genes hi - 1 give the shifted grid
+    `flow_times(N, shift)`. Refuses groups too narrow to hold one gene."""
+    _check(num_steps, shift)
+    edges = shift_time(np.linspace(0.0, 1.0, num_steps + 1, dtype=np.float64), shift)
+    scaled = np.floor(np.round(edges * resolution, 6)).astype(np.int64)
+    lo, hi = scaled[:-1], scaled[1:]
+    if np.any(hi <= lo):
+        raise UserError(
+            f"{num_steps} steps at shift {shift}: a time group is narrower than "
+            f"1/{resolution}; use fewer steps or a shift nearer 1."
+        )
+    return lo.astype(np.int32), hi.astype(np.int32)

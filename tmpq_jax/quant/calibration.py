@@ -77,12 +77,17 @@ def _trajectories(model, params, sched: NoiseSchedule, timesteps, x_T):
 
 def calibration_set(
     lm, key: jax.Array, num_timesteps: int = 20, num_samples: int = 32
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, ...]:
     """(x_t f32[N*S, H, W, C], t int32[N*S]) from the float model's own DDIM
     trajectories: S = `num_samples` noises drawn from `key`, N = `num_timesteps`
-    uniform steps; step-major order (first the S inputs at the largest t)."""
+    uniform steps; step-major order (first the S inputs at the largest t). A flow
+    model's inputs come from `calibration_flow.flow_calibration_set`."""
     if num_samples < 1:
         raise UserError(f"calibration samples {num_samples}: use at least 1.")
+    if lm.prediction == "velocity":
+        from tmpq_jax.quant.calibration_flow import flow_calibration_set
+
+        return flow_calibration_set(lm, key, num_timesteps, num_samples)
     ts = jnp.asarray(uniform_timesteps(num_timesteps, lm.sched.num_timesteps))
     xs, tt = _trajectories(
         lm.model, lm.params, lm.sched, ts, lm.noise(key, num_samples)
@@ -95,9 +100,10 @@ def calibration_set(
 
 
 def _stats_fn(model, registry: LayerRegistry, per_batch: int):
-    """Jitted (variables, x, t, key) -> {(layer, operand): (absmax, values[per_batch])}."""
+    """Jitted (variables, x, t, key, *extra) -> {(layer, operand): (absmax,
+    values[per_batch])}; `extra`: the model's other inputs (labels)."""
 
-    def fn(variables, x, t, key):
+    def fn(variables, x, t, key, *extra):
         seen: dict[tuple[int, int], list[jax.Array]] = {}
 
         def collect(call):
@@ -110,7 +116,7 @@ def _stats_fn(model, registry: LayerRegistry, per_batch: int):
             return call.original()
 
         with intercept.intercept(collect):
-            model.apply(variables, x, t)
+            model.apply(variables, x, t, *extra)
         # One random draw for all operands (one RNG op compiles much faster than
         # one per operand); float32 u * n reaches every index below n ~ 2**24.
         u = jax.random.uniform(key, (len(seen), per_batch))
@@ -162,6 +168,7 @@ def collect_activation_stats(
     max_values: int = MAX_VALUES,
     batch_size: int = 64,
     progress: bool = False,
+    extra: tuple = (),
 ) -> dict[tuple[int, int], tuple[float, np.ndarray]]:
     """{(layer, operand): (exact |x| max, f32[max_values] values sampled uniformly
     with replacement)} over the calibration inputs; operand 0 is a conv/dense input
@@ -181,6 +188,7 @@ def collect_activation_stats(
             xs[s * b : (s + 1) * b],
             ts[s * b : (s + 1) * b],
             jax.random.fold_in(key, s),
+            *(e[s * b : (s + 1) * b] for e in extra),
         )
         for k, (m, v) in jax.device_get(out).items():
             absmax[k] = max(absmax.get(k, 0.0), float(m))
@@ -290,9 +298,11 @@ def calibrate_model(
     max_values: int = MAX_VALUES,
     batch_size: int = 64,
     progress: bool = False,
+    extra: tuple = (),
 ) -> tuple[QParams, dict]:
-    """Min-MSE `QParams` for `model.apply({'params': params}, x, t)` on the
-    calibration inputs (xs, ts), for every width of `calibration_widths`."""
+    """Min-MSE `QParams` for `model.apply({'params': params}, x, t, *extra)` on
+    the calibration inputs (xs, ts, *extra), for every width of
+    `calibration_widths`."""
     widths = calibration_widths(candidates, registry)
     stats = collect_activation_stats(
         model,
@@ -304,12 +314,14 @@ def calibrate_model(
         max_values,
         batch_size,
         progress,
+        extra,
     )
     n, k = len(registry), len(widths)
     act_bound = np.ones((n, 2, k), np.float32)  # operand 1 of conv/dense: unused
     absmax = np.ones((n, 2), np.float32)
     act_gain = np.ones((n, 2, k), np.float32)  # MSE at absmax / chosen MSE
-    weights = layer_weights(model, {"params": params}, registry, xs[:1], ts[:1])
+    first = (xs[:1], ts[:1], *(e[:1] for e in extra))
+    weights = layer_weights(model, {"params": params}, registry, *first)
     w_clip: list[np.ndarray | None] = []
     w_gain: list[np.ndarray | None] = []
     for i, layer in enumerate(
@@ -368,7 +380,9 @@ def calibrate(
     absmax and the MSE gains of the chosen ranges over the unclipped ones."""
     start = time.perf_counter()
     registry = registry if registry is not None else lm.layer_registry()
-    xs, ts = calibration_set(lm, jax.random.fold_in(key, 0), num_timesteps, num_samples)
+    xs, ts, *extra = calibration_set(
+        lm, jax.random.fold_in(key, 0), num_timesteps, num_samples
+    )
     qparams, info = calibrate_model(
         lm.model,
         lm.params,
@@ -380,6 +394,7 @@ def calibrate(
         max_values,
         batch_size,
         progress,
+        tuple(extra),
     )
     info.update(
         candidates=tuple(int(c) for c in candidates),

@@ -113,6 +113,19 @@ class LayerRegistry:
     def names(self) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
 
+    def per_step(self, forwards: int) -> LayerRegistry:
+        """This registry with MACs counted per sampling step of `forwards` model
+        calls (classifier-free guidance: 2), so BitOPs and budgets count them all;
+        the layers themselves are unchanged."""
+        if forwards == 1:
+            return self
+        return LayerRegistry(
+            tuple(dataclasses.replace(x, macs=x.macs * forwards) for x in self),
+            tuple(
+                dataclasses.replace(f, macs=f.macs * forwards) for f in self.float_ops
+            ),
+        )
+
     def index(self, name: str) -> int:
         """Index of the layer called `name`; UserError if unknown."""
         i = self._by_name.get(name)

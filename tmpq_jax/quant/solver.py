@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 
+from tmpq_jax.errors import UserError
 from tmpq_jax.quant import reconstruction as rc
 from tmpq_jax.quant.bias_correction import bias_corrections
 from tmpq_jax.quant.calibration import calibrate, calibration_set
@@ -63,6 +64,12 @@ def solve(
     uniform widths but the W6A6 joint search ended worse with it) is made last,
     for the ranges finally kept."""
     registry = registry if registry is not None else lm.layer_registry()
+    if lm.prediction != "eps" and (reconstruct_steps or bias_correction):
+        raise UserError(
+            "reconstruction and bias correction are built for noise-prediction "
+            f"models; this one predicts {lm.prediction}: calibrate it with min-MSE "
+            "alone (no reconstruction steps, no bias correction)."
+        )
     key = jax.random.key(seed)
     qparams, info = calibrate(
         lm, key, candidates, num_timesteps, num_samples, progress, registry=registry

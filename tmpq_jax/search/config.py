@@ -80,10 +80,22 @@ class GenomeConfig:
     # Seed genome / bits of the `timesteps` space: uniform W{seed_w}A{seed_a}.
     seed_w_bits: int = 6
     seed_a_bits: int = 6
+    # Flow (velocity) models only: the ODE solver, the shift of the time grid (its
+    # groups and the seed) and the guidance scale (1: the conditional model alone;
+    # else classifier-free guidance, which doubles the forwards and the BitOPs).
+    solver: str = "euler"
+    shift: float = 1.0
+    guidance: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "candidates", tuple(int(c) for c in self.candidates))
         _one_of("space", self.space, SPACES)
+        _one_of("solver", self.solver, ("euler", "heun"))
+        if not self.shift > 0 or self.guidance < 0:
+            raise UserError(
+                f"search.shift={self.shift}, guidance={self.guidance}: the shift must "
+                "be > 0 and the guidance scale >= 0 (1: no guidance)."
+            )
         _one_of("timestep_mode", self.timestep_mode, TIMESTEP_MODES)
         check_candidates(self.candidates)
         for name in ("seed_w_bits", "seed_a_bits"):

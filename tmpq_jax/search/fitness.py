@@ -1,8 +1,9 @@
 """Fitness on device: a candidate's samples from one fixed noise batch, scored.
 
 For each genome: decode -> CONVERT its kernels once at their traced bits
-(`export.freeze`, calibrated results selected, never recomputed) -> DDIM
-(`lax.scan` over its traced timesteps) serving them (`export.serve_apply`, equal
+(`export.freeze`, calibrated results selected, never recomputed) -> the sampler
+(`search/sampler.py`: DDIM, or Euler/Heun with guidance for a flow model; a
+`lax.scan` over its traced times) serving them (`export.serve_apply`, equal
 bit for bit to the fake-quant `quantized_apply`) -> a score (`search.fitness`):
 
 * `fid`: the fitness net's features -> FID against its TRAIN-split statistics
@@ -36,12 +37,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tmpq_jax.diffusion.samplers import ddim_sample
 from tmpq_jax.diffusion.schedules import NoiseSchedule
 from tmpq_jax.metrics import FeatureNet, fid_from_features
 from tmpq_jax.quant import export
 from tmpq_jax.quant.registry import LayerRegistry
 from tmpq_jax.quant.supernet import QParams, check_bits
+from tmpq_jax.search.sampler import DDIM
 from tmpq_jax.search.space import GenomeSpace
 
 WORST_FID = 1e4  # the fitness of a candidate whose samples are not finite
@@ -70,18 +71,27 @@ class Assets:
     teacher: jax.Array | None = None
     teacher_features: jax.Array | None = None
     teacher_spread: jax.Array | None = None
+    # A class-conditional model: the labels of `noise`'s rows (class-balanced)
+    # and the guidance scale (f32[]; see `search/sampler.py`).
+    labels: jax.Array | None = None
+    guidance: jax.Array | None = None
 
 
-def map_in_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
-    """`fn` over the leading axis of `x`, `chunk` rows at a time (`lax.map`; 0 or
-    >= len: all at once). A last partial chunk is filled with repeats of real rows
-    (finite, so a NaN check stays meaningful) and its extra outputs dropped."""
-    n = x.shape[0]
+def map_in_chunks(fn, x, chunk: int) -> jax.Array:
+    """`fn` over the leading axis of `x` (an array, or a pytree of arrays with one
+    leading size), `chunk` rows at a time (`lax.map`; 0 or >= len: all at once).
+    A last partial chunk is filled with repeats of real rows (finite, so a NaN
+    check stays meaningful) and its extra outputs dropped."""
+    n = jax.tree.leaves(x)[0].shape[0]
     if not chunk or chunk >= n:
         return fn(x)
     k = -(-n // chunk)
-    xp = jnp.concatenate([x, x[: k * chunk - n]]) if k * chunk > n else x
-    out = jax.lax.map(fn, xp.reshape(k, chunk, *x.shape[1:]))
+
+    def split(a):
+        a = jnp.concatenate([a, a[: k * chunk - n]]) if k * chunk > n else a
+        return a.reshape(k, chunk, *a.shape[1:])
+
+    out = jax.lax.map(fn, jax.tree.map(split, x))
     return out.reshape(k * chunk, *out.shape[2:])[:n]
 
 
@@ -98,29 +108,37 @@ class Problem:
     conv_dtype: Any = None  # integer-valued conv operands in this dtype: see numerics
     fitness: str = "fid"  # fid | ensemble | teacher (see the module doc)
     teacher_feature_weight: float = 1.0
+    sampler: Any = DDIM()  # search/sampler.py: DDIM, or Flow for velocity models
 
-    def sample(self, assets: Assets, genome: jax.Array, x_T: jax.Array) -> jax.Array:
-        """Images of one genome from x_T (unclipped x_0)."""
+    def sample(
+        self, assets: Assets, genome: jax.Array, x_T: jax.Array, labels=None
+    ) -> jax.Array:
+        """Images of one genome from x_T (unclipped x_0); `labels`: the rows'
+        classes (a class-conditional model only)."""
         d = self.space.decode(genome)
         check_bits(d.bits, self.registry, self.candidates)
         # CONVERT once per genome, outside the step scan: every step then reads the
         # frozen int8 kernels (SERVE), bit for bit the fake-quant path's output.
         qmodel = export.freeze(assets.params, self.registry, d.bits, assets.qparams)
 
-        def eps_fn(x, t):
+        def model_fn(x, t, *y):
             return export.serve_apply(
                 self.model,
                 qmodel,
                 x,
                 t,
+                *y,
                 registry=self.registry,
                 conv_dtype=self.conv_dtype,
             )
 
-        def run(x):  # eta = 0: the key is unused
-            return ddim_sample(jax.random.key(0), eps_fn, x, d.timesteps, assets.sched)
+        def run(xy):
+            x, y = xy
+            return self.sampler(
+                model_fn, x, d.timesteps, assets.sched, y, assets.guidance
+            )
 
-        return map_in_chunks(run, x_T, self.sample_chunk)
+        return map_in_chunks(run, (x_T, labels), self.sample_chunk)
 
     @functools.cached_property
     def jitted_sample(self):
@@ -132,7 +150,7 @@ class Problem:
         the `fitness` score). `axis`: the mesh axis `assets.noise` is split over
         (inside `shard_map`): every part's features (or images) are gathered
         before the score."""
-        x0 = self.sample(assets, genome, assets.noise)
+        x0 = self.sample(assets, genome, assets.noise, assets.labels)
         finite = jnp.all(jnp.isfinite(x0))
         images = jnp.clip(jnp.where(finite, x0, 0.0), -1.0, 1.0)
         if axis is not None:
@@ -194,14 +212,25 @@ def teacher_distance(images, assets: Assets, feature_weight: float) -> jax.Array
 
 
 def teacher_samples(
-    model: nn.Module, params, sched: NoiseSchedule, noise, timesteps, chunk: int = 0
+    model: nn.Module,
+    params,
+    sched: NoiseSchedule,
+    noise,
+    timesteps,
+    chunk: int = 0,
+    *,
+    sampler=None,
+    labels=None,
+    guidance=None,
 ) -> jax.Array:
-    """The full-precision model's DDIM samples (eta 0) from `noise` over
-    `timesteps`, clipped to [-1, 1]: the teacher, made once per search."""
+    """The full-precision model's samples from `noise` (and `labels`) over
+    `timesteps` with `sampler` (default: DDIM), clipped to [-1, 1]: the teacher,
+    made once per search."""
+    sampler = DDIM() if sampler is None else sampler
 
-    def run(x):
-        eps_fn = lambda x, t: model.apply({"params": params}, x, t)  # noqa: E731
-        return ddim_sample(jax.random.key(0), eps_fn, x, timesteps, sched)
+    def run(xy):
+        fn = lambda x, t, *y: model.apply({"params": params}, x, t, *y)  # noqa: E731
+        return sampler(fn, xy[0], timesteps, sched, xy[1], guidance)
 
-    out = jax.jit(lambda x: map_in_chunks(run, x, chunk))(noise)
+    out = jax.jit(lambda xy: map_in_chunks(run, xy, chunk))((noise, labels))
     return jnp.clip(out, -1.0, 1.0)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tmpq_jax import files
 from tmpq_jax.checkpoint import REPO_ROOT
+from tmpq_jax.diffusion.flow import gene_times
 from tmpq_jax.evaluation import FID_NAME, Evaluator
 from tmpq_jax.genome_file import genome_to_dict, write_genome
 from tmpq_jax.images import save_grid
@@ -34,6 +35,7 @@ from tmpq_jax.sampling import to_uint8
 from tmpq_jax.search import plots, sharding
 from tmpq_jax.search.engine import SearchState
 from tmpq_jax.search.run import RESULT_FILE
+from tmpq_jax.search.sampler import labels_for
 from tmpq_jax.search.setup import NOISE_STREAM, Setup
 
 RESCORE_STREAM = 1  # folded into the noise key: rescoring never reuses fitness noise
@@ -93,23 +95,29 @@ def top_k_distinct(t: dict, mask: np.ndarray, k: int) -> list[int]:
 def rescore_images(
     setup: Setup, sample_fn, progress: bool = False, with_noise: bool = False
 ):
-    """`rescore_samples` images from `sample_fn(x_T)`, on fresh noise that never
-    overlaps the fitness noise, clipped to [-1, 1] (NaN kept for the caller);
-    `with_noise`: (images, x_T)."""
+    """`rescore_samples` images from `sample_fn(x_T, labels)`, on fresh noise that
+    never overlaps the fitness noise (labels: class-balanced per batch, None for
+    an unconditional model), clipped to [-1, 1] (NaN kept for the caller);
+    `with_noise`: (images, x_T, labels)."""
     cfg, c = setup.run.search, setup.lm.config
     key = jax.random.fold_in(jax.random.key(NOISE_STREAM), RESCORE_STREAM)
+    sampler = setup.engine.problem.sampler
     n, bs = cfg.rescore_samples, min(cfg.rescore_batch, cfg.rescore_samples)
-    out, noise = [], []
+    out, noise, labels = [], [], []
     for b in tqdm(
         range(-(-n // bs)), disable=not progress, desc="rescore", leave=False
     ):
-        x = jax.random.normal(
-            jax.random.fold_in(key, b), (bs, c.image_size, c.image_size, c.channels)
-        )
-        out.append(np.asarray(sample_fn(x)))
+        k = jax.random.fold_in(key, b)
+        x = jax.random.normal(k, (bs, c.image_size, c.image_size, c.channels))
+        y = labels_for(sampler, jax.random.fold_in(k, 1), bs)
+        out.append(np.asarray(sample_fn(x, y)))
         noise.append(np.asarray(x))
+        labels.append(None if y is None else np.asarray(y))
     images = np.clip(np.concatenate(out)[:n], -1.0, 1.0)
-    return (images, np.concatenate(noise)[:n]) if with_noise else images
+    if not with_noise:
+        return images
+    y = None if labels[0] is None else np.concatenate(labels)[:n]
+    return images, np.concatenate(noise)[:n], y
 
 
 def rescore(setup: Setup, ev: Evaluator, genome: np.ndarray, progress: bool):
@@ -127,15 +135,16 @@ def rescore_and_select(setup: Setup, genome, progress: bool, ev=None):
     sample = setup.engine.problem.jitted_sample  # compiled once per problem
     mesh = setup.engine.mesh
 
-    def sample_fn(x):  # the batch split over the search's devices, gathered back
+    def sample_fn(x, y):  # the batch split over the search's devices, gathered back
         x = sharding.split_batch(x, mesh)
-        return sharding.gather(sample(setup.assets, genome, x))
+        y = None if y is None else sharding.split_batch(y, mesh)
+        return sharding.gather(sample(setup.assets, genome, x, y))
 
-    images, x_T = rescore_images(setup, sample_fn, progress, with_noise=True)
+    images, x_T, y = rescore_images(setup, sample_fn, progress, with_noise=True)
     if not np.isfinite(images).all():
         return {"fid": float("inf"), "finite": False}, images, float("inf")
     report = ev.score(images) if ev is not None else setup.report(images)
-    return report, images, setup.select_score(images, x_T)
+    return report, images, setup.select_score(images, x_T, y)
 
 
 def _portable(path: Path | None) -> str | None:
@@ -169,8 +178,27 @@ def _genome_entry(setup: Setup, t: dict, i: int, **extra) -> dict:
         model_fingerprint=model_fingerprint(setup.lm.card),
         model=getattr(setup.lm, "source", None),
         num_timesteps=setup.lm.diffusion.num_timesteps,
+        **sampler_entry(setup, ts),
         **extra,
     )
+
+
+def sampler_entry(setup: Setup, ts) -> dict:
+    """A flow model's genome says how it samples: its solver, guidance scale and
+    the times its genes stand for (gene k: t = (k + 1) / R)."""
+    if setup.lm.prediction != "velocity":
+        return {}
+    c, R = setup.run.search, setup.lm.diffusion.num_timesteps
+    times = gene_times(np.asarray(ts, np.float64), R)
+    return {
+        "sampler": {
+            "kind": "flow",
+            "solver": c.solver,
+            "guidance": c.guidance,
+            "shift": c.shift,
+            "times": [round(float(t), 6) for t in times[::-1]],
+        }
+    }
 
 
 def write_outputs(

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tmpq_jax.checkpoint import CHECKPOINTS_DIR
+from tmpq_jax.diffusion.flow import flow_gene_groups
 from tmpq_jax.diffusion.schedules import timestep_schedule
 from tmpq_jax.errors import UserError
 from tmpq_jax.evaluation import Evaluator, default_eval_nets
@@ -45,6 +46,7 @@ from tmpq_jax.metrics import (
 from tmpq_jax.metrics.feature_net import check_image_shape, check_model_data
 from tmpq_jax.metrics.reference import fitness_stats
 from tmpq_jax.metrics.spaces import pixel_features
+from tmpq_jax.models.unet import UNetConfig
 from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.quant.calibration_io import load_calibration, save_calibration
 from tmpq_jax.quant.registry import LayerRegistry, unet_registry
@@ -56,11 +58,13 @@ from tmpq_jax.search import sharding
 from tmpq_jax.search.config import SearchConfig, SearchRunConfig
 from tmpq_jax.search.engine import Engine
 from tmpq_jax.search.fitness import Assets, Problem, spread, teacher_samples
+from tmpq_jax.search.sampler import labels_for, make_sampler
 from tmpq_jax.search.space import GenomeSpace
 from tmpq_jax.search.strategies import make_strategy
 from tmpq_jax.serving import SHIPPED_CALIBRATION
 
 NOISE_STREAM = 0x5EED  # the fitness noise batch: fixed, whatever the search seed
+LABEL_STREAM = 0x1ABE1  # its class labels (a class-conditional model)
 # The shipped nets besides the fitness classifier (checkpoints/, configs/eval_nets.py).
 SHIPPED_ENSEMBLE = (CHECKPOINTS_DIR / "fmnist_classifier_b",)
 
@@ -92,10 +96,11 @@ class Setup:
         return self.run.search
 
     # -- the final top-k: selection (train split / teacher) and report (test) --
-    def select_score(self, images, x_T=None) -> float:
+    def select_score(self, images, x_T=None, labels=None) -> float:
         """The score the final top-k are ranked by (`search.select`; lower is
         better), of images in [-1, 1]: never a test-split statistic nor an
-        evaluation net. `x_T`: the noise the images were made from (teacher)."""
+        evaluation net. `x_T` (and `labels`): what the images were made from
+        (teacher)."""
         kind = self.cfg.select if self.cfg.select != "fitness" else self.cfg.fitness
         images = np.clip(np.asarray(images, np.float32), -1.0, 1.0)
         if not np.isfinite(images).all():
@@ -103,7 +108,7 @@ class Setup:
         if kind == "teacher":
             if x_T is None:
                 raise UserError("selection by teacher needs the images' noise x_T.")
-            return self._teacher_score(images, x_T)
+            return self._teacher_score(images, x_T, labels)
         if kind == "pixels":
             ref = fitness_stats(self.stats, "pixels_")
             feats = np.asarray(pixel_features(images))
@@ -123,14 +128,16 @@ class Setup:
     def _stats(self) -> list[dict]:
         return [self.stats, *(s for _, s in self.ensemble)]
 
-    def _teacher_score(self, images, x_T) -> float:
+    def _teacher_score(self, images, x_T, labels=None) -> float:
         ts = self.teacher_timesteps
         if ts is None:
             ts = teacher_timesteps(self.cfg, self.lm)
         lm, c = self.lm, self.cfg
         teacher = teacher_samples(
-            lm.model, lm.params, lm.sched, x_T, ts, c.sample_chunk
-        )
+            lm.model, lm.params, lm.sched, x_T, ts, c.sample_chunk,
+            sampler=self.engine.problem.sampler, labels=labels,
+            guidance=self.assets.guidance,
+        )  # fmt: skip
         a = teacher_assets(self.assets.net, teacher, c.teacher_feature_weight)
         from tmpq_jax.search.fitness import teacher_distance
 
@@ -189,7 +196,8 @@ def resolve_qparams(run: SearchRunConfig, lm, registry, workdir: Path, progress:
 def prepare(run: SearchRunConfig, workdir: Path, progress: bool = True) -> Setup:
     """Loads the model, feature nets, statistics and calibration named by `run`."""
     lm = load_model(run.model)
-    return prepare_model(run, lm, workdir, unet_registry(lm.config), progress)
+    registry = unet_registry(lm.config) if isinstance(lm.config, UNetConfig) else None
+    return prepare_model(run, lm, workdir, registry, progress)
 
 
 def _model_shape(lm) -> tuple[int, int, int]:
@@ -224,8 +232,8 @@ def prepare_model(
     cfg, workdir = run.search, Path(workdir)
     registry = registry if registry is not None else lm.layer_registry()
     # The budget is checked before any loading or calibration work.
-    space = GenomeSpace.build(cfg, registry, lm.diffusion.num_timesteps)
-    budget_lib.check_budget(space, registry, _budget(cfg, registry))
+    _, space, per_step = search_space(cfg, lm, registry)
+    budget_lib.check_budget(space, per_step, _budget(cfg, per_step))
     net, stats = load_net(run.feature_net, lm, "fitness")
     ensemble = ()
     if cfg.fitness == "ensemble" or cfg.select == "ensemble":
@@ -238,6 +246,19 @@ def prepare_model(
         run, lm, registry, qparams, calib_path, net, stats,
         ensemble=ensemble, eval_nets=evals,
     )  # fmt: skip
+
+
+def search_space(cfg: SearchConfig, lm, registry: LayerRegistry):
+    """(sampler, genome space, registry with MACs per sampling step): how the
+    model samples (`search/sampler.py`), which decides the time genes (integer
+    steps, or a flow model's times grouped by the shifted grid) and how many
+    forwards a step costs (classifier-free guidance: 2)."""
+    flow = lm.prediction == "velocity"
+    sampler = make_sampler(lm, cfg.solver if flow else "", cfg.guidance)
+    space = GenomeSpace.build(
+        cfg, registry, lm.diffusion.num_timesteps, cfg.shift if flow else None
+    )
+    return sampler, space, registry.per_step(sampler.evals_per_step)
 
 
 def _budget(cfg, registry) -> float:
@@ -267,6 +288,8 @@ def ensemble_scale(stats: Sequence[dict]) -> np.ndarray:
 
 def teacher_timesteps(cfg: SearchConfig, lm) -> np.ndarray:
     T = lm.diffusion.num_timesteps
+    if lm.prediction == "velocity":  # the shifted grid of teacher_steps times
+        return flow_gene_groups(cfg.teacher_steps, cfg.shift, T)[1] - 1
     if cfg.teacher_steps > T:
         raise UserError(
             f"search.teacher_steps={cfg.teacher_steps} exceeds the model's {T} "
@@ -315,7 +338,7 @@ def build_setup(
     ensemble member's) must hold the train split's statistics: they are all the
     fitness reads."""
     cfg = run.search
-    space = GenomeSpace.build(cfg, registry, lm.diffusion.num_timesteps)
+    sampler, space, registry = search_space(cfg, lm, registry)
     budget = _budget(cfg, registry)
     budget_lib.check_budget(space, registry, budget)
     ensemble, eval_nets = tuple(ensemble), tuple(eval_nets)
@@ -340,6 +363,8 @@ def build_setup(
         jax.random.key(NOISE_STREAM),
         (cfg.num_samples, c.image_size, c.image_size, c.channels),
     )
+    labels = labels_for(sampler, jax.random.key(LABEL_STREAM), cfg.num_samples)
+    guidance = jnp.float32(cfg.guidance) if getattr(sampler, "guided", 0) else None
     ref = fitness_stats(stats)  # the TRAIN split: never the test split's
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     extra_refs = tuple(
@@ -351,8 +376,9 @@ def build_setup(
         ts_teacher = teacher_timesteps(cfg, lm)
     if cfg.fitness == "teacher":
         samples = teacher_samples(
-            lm.model, lm.params, lm.sched, noise, ts_teacher, cfg.sample_chunk
-        )
+            lm.model, lm.params, lm.sched, noise, ts_teacher, cfg.sample_chunk,
+            sampler=sampler, labels=labels, guidance=guidance,
+        )  # fmt: skip
         t = teacher_assets(net, samples, cfg.teacher_feature_weight)
         teacher = dict(
             teacher=t.teacher,
@@ -374,6 +400,8 @@ def build_setup(
         if ensemble
         else None,
         **teacher,
+        labels=labels,
+        guidance=guidance,
     )
     problem = Problem(
         lm.model,
@@ -385,6 +413,7 @@ def build_setup(
         cfg.conv_jnp_dtype,
         fitness=cfg.fitness,
         teacher_feature_weight=cfg.teacher_feature_weight,
+        sampler=sampler,
     )
     assets = sharding.replicate(assets, mesh)
     engine = Engine(cfg, problem, make_strategy(cfg, space), budget, mesh)

@@ -170,8 +170,9 @@ def population_fid(problem, mesh: Mesh, assets, genomes: jax.Array) -> jax.Array
     over SAMPLE; float32[P] for int32[P, D], replicated."""
     n = genomes.shape[0]
     split = mesh.shape[SAMPLE] > 1
+    rows = P(SAMPLE) if split else P()
     specs = jax.tree.map(lambda _: P(), assets).replace(
-        noise=P(SAMPLE) if split else P()
+        noise=rows, labels=None if assets.labels is None else rows
     )
     # check_vma off: the all-gathered features make each FID the same on every
     # SAMPLE device, which the type system does not infer for lax.all_gather.

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tmpq_jax.diffusion.flow import flow_gene_groups
 from tmpq_jax.diffusion.schedules import quad_group_bounds, quad_timesteps
 from tmpq_jax.quant.registry import LayerRegistry
 from tmpq_jax.quant.supernet import QuantBits
@@ -56,14 +57,25 @@ class GenomeSpace:
 
     @classmethod
     def build(
-        cls, cfg: SearchConfig, registry: LayerRegistry, num_timesteps: int = 1000
+        cls,
+        cfg: SearchConfig,
+        registry: LayerRegistry,
+        num_timesteps: int = 1000,
+        flow_shift: float | None = None,
     ) -> GenomeSpace:
+        """`flow_shift`: a flow model's time genes (`flow.gene_times`, resolution
+        `num_timesteps`), grouped by the shifted grid, which is the seed; None:
+        integer timesteps in quadratic groups (TMPQ-DM), the quad schedule seed."""
         n, L, T = cfg.num_steps, len(registry), num_timesteps
         cands = tuple(sorted(cfg.candidates, reverse=True))
-        quad = quad_timesteps(n, T)
-        if cfg.timestep_mode == "grouped":
+        if flow_shift is not None:
+            groups = flow_gene_groups(n, flow_shift, T)
+            quad = groups[1] - 1  # the groups' upper edges: the shifted grid
+        else:
             edges = quad_group_bounds(n, T)
-            t_lo, t_hi = edges[:-1], edges[1:]
+            groups, quad = (edges[:-1], edges[1:]), quad_timesteps(n, T)
+        if cfg.timestep_mode == "grouped":
+            t_lo, t_hi = groups
         else:
             t_lo, t_hi = np.zeros(n, np.int32), np.full(n, T, np.int32)
         if cfg.space == "precision":
