@@ -5,11 +5,13 @@ fresh samples (TMPQ-DM re-scores its top 10).
       --methods fp,uniform,precision,timesteps,random,joint --out-dir DIR
   python -m benchmarks.search_table --merge DIR1/search_table.json DIR2/...
 
+`--model dit` searches the shipped DiT (configs/fmnist_dit_search.py: Euler over
+the shifted grid, guidance 1.5) into `search_table_dit_<budget>.json`.
 Rows: full precision 10-step quad; uniform bits + quad (the seed genome); the
 precision-only search (quad steps fixed); the timestep-only search (uniform bits
 fixed); random search with the same number of evaluations; the joint search.
 Budgets: `w6a6` (the paper's, bits {8,7,6,5}) and `w4a8` (bits {8,7,6,5,4}).
-Each search runs `tmpq search` in `--workdir-root/<budget>/<method>_s<seed>`
+Each search runs `tmpq search` in `--workdir-root/<model>/<budget>/<method>_s<seed>`
 (resumable) from `configs/fmnist_search.py` plus `--override`s. Rerunning the
 same command keeps the rows already in `--out-dir` and runs only the rest.
 Set `JAX_COMPILATION_CACHE_DIR`: every seed of a method runs the same programs.
@@ -27,7 +29,6 @@ import numpy as np
 
 from benchmarks.common import RESULTS, provenance, write_json
 from tmpq_jax.config import load_config
-from tmpq_jax.diffusion.samplers import ddim_sample
 from tmpq_jax.evaluation import FID_NAME, Evaluator
 from tmpq_jax.metrics import fid
 from tmpq_jax.quant import cost
@@ -35,7 +36,9 @@ from tmpq_jax.search import SearchRunConfig, prepare, search
 from tmpq_jax.search.outputs import rescore, rescore_images
 from tmpq_jax.search.run import read_log
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search.py")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The searched model: the shipped UNet (DDIM) or DiT (flow matching, CFG 1.5).
+MODELS = {"unet": "fmnist_search.py", "dit": "fmnist_dit_search.py"}
 BUDGETS = {
     "w6a6": ["search.budget_w_bits=6", "search.budget_a_bits=6"],
     "w4a8": [
@@ -56,26 +59,32 @@ METHODS = {
 }
 
 
-def _run_config(budget: str, method: str, seed: int, overrides) -> SearchRunConfig:
+def _run_config(
+    budget: str, method: str, seed: int, overrides, model: str = "unet"
+) -> SearchRunConfig:
     extra = METHODS.get(method, [])
     cd = load_config(
-        CONFIG, [*BUDGETS[budget], *extra, f"search.seed={seed}", *overrides]
+        str(CONFIGS / MODELS[model]),
+        [*BUDGETS[budget], *extra, f"search.seed={seed}", *overrides],
     )
     return SearchRunConfig.from_configdict(cd)
 
 
 def _fp_row(setup, ev: Evaluator) -> dict:
-    """Full precision, the quad schedule: on the search's noise and on fresh noise."""
-    lm, cfg = setup.lm, setup.run.search
+    """Full precision on the seed's steps (quad, or a flow model's shifted grid),
+    with the search's sampler (guidance and labels included): on the search's
+    noise and on fresh noise."""
+    lm, cfg, a = setup.lm, setup.run.search, setup.assets
     ts = setup.space.decode(setup.space.seed).timesteps
+    sampler = setup.engine.problem.sampler
     fn = jax.jit(
-        lambda p, x: ddim_sample(jax.random.key(0), lm.eps_fn(p), x, ts, lm.sched)
+        lambda x, y: sampler(lm.model_fn(lm.params), x, ts, a.sched, y, a.guidance)
     )
-    images = np.clip(np.asarray(fn(lm.params, setup.assets.noise)), -1, 1)
+    images = np.clip(np.asarray(fn(a.noise, a.labels)), -1, 1)
     mu, sigma = ev.stats["mu_test"], ev.stats["sigma_test"]
     fid_2k = fid(ev.net.extract(images).features, mu, sigma)
-    scores = ev.score(rescore_images(setup, lambda x: fn(lm.params, x)))
-    macs = float(np.sum(setup.registry.macs))
+    scores = ev.score(rescore_images(setup, fn))
+    macs = float(np.sum(setup.registry.macs))  # per step: CFG's forwards counted
     return {
         "fid_2k": float(fid_2k),
         "fid_10k": scores["fid"],
@@ -100,8 +109,8 @@ def _uniform_row(setup, ev: Evaluator) -> dict:
     }
 
 
-def run_row(method, budget, seed, root: Path, overrides) -> dict:
-    run = _run_config(budget, method, seed, overrides)
+def run_row(method, budget, seed, root: Path, overrides, model="unet") -> dict:
+    run = _run_config(budget, method, seed, overrides, model)
     t0 = time.perf_counter()
     budget_total = None
     if method in ("fp", "uniform"):
@@ -138,6 +147,7 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
         recall=scores.get("recall"),
     )
     r.update(
+        model=model,
         method=method,
         budget=budget,
         budget_bitops=budget_total,
@@ -150,7 +160,8 @@ def run_row(method, budget, seed, root: Path, overrides) -> dict:
 
 def merge(paths: list[str], out_dir: str | None) -> Path:
     """One table from part files (a merged table may be one of them: its parts are
-    kept); a row measured again (same budget, method, seed, fitness) replaces the earlier.
+    kept); a row measured again (same model, budget, method, seed, fitness) replaces
+    the earlier.
     A row without its own device, date and command (written before rows carried
     them) takes its part file's, unless that file is itself a merge of several
     (whose top-level provenance is only its last part's)."""
@@ -160,7 +171,8 @@ def merge(paths: list[str], out_dir: str | None) -> Path:
         fill = len(p.get("parts", [p])) == 1
         for r in p["rows"]:
             r = {**{k: p[k] for k in ROW_PROVENANCE}, **r} if fill else r
-            key = (r["budget"], r["method"], r["seed"], r.get("fitness", "fid"))
+            key = (r.get("model", "unet"), r["budget"], r["method"], r["seed"])
+            key += (r.get("fitness", "fid"),)
             rows.pop(key, None)
             rows[key] = r
     payload = {
@@ -179,6 +191,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="fp,uniform,precision,timesteps,random,joint")
     ap.add_argument("--budget", default="w6a6", choices=sorted(BUDGETS))
+    ap.add_argument("--model", default="unet", choices=sorted(MODELS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--workdir-root", default="runs/search_table")
     ap.add_argument("--override", action="append", default=[], help="KEY=VALUE")
@@ -188,11 +201,18 @@ def main() -> None:
     if args.merge:
         print(merge(args.merge, args.out_dir))
         return
-    out = Path(args.out_dir or RESULTS) / f"search_table_{args.budget}.json"
+    name = f"search_table_{args.budget}.json"
+    if args.model != "unet":
+        name = f"search_table_{args.model}_{args.budget}.json"
+    out = Path(args.out_dir or RESULTS) / name
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
-    fitness = _run_config(args.budget, "joint", 0, args.override).search.fitness
-    done = {(r["method"], r["seed"]) for r in rows if r.get("fitness", "fid") == fitness}
-    root = Path(args.workdir_root)
+    run = _run_config(args.budget, "joint", 0, args.override, args.model)
+    done = {
+        (r["method"], r["seed"])
+        for r in rows
+        if r.get("fitness", "fid") == run.search.fitness
+    }
+    root = Path(args.workdir_root) / args.model
     for method in args.methods.split(","):
         seeds = (
             [0]
@@ -202,7 +222,7 @@ def main() -> None:
         for seed in seeds:
             if (method, seed) in done:
                 continue
-            r = run_row(method, args.budget, seed, root, args.override)
+            r = run_row(method, args.budget, seed, root, args.override, args.model)
             print(
                 f"{args.budget} {method:10s} seed {seed}: fid_2k {r['fid_2k']:.3f} "
                 f"fid_10k {r['fid_10k']:.3f} bitops {r['bitops'] / 1e9:.1f}G "
@@ -211,7 +231,7 @@ def main() -> None:
             )
             rows.append(r)
             payload = {**provenance(), "metric": FID_NAME, "rows": rows}
-            write_json(f"search_table_{args.budget}.json", payload, args.out_dir)
+            write_json(name, payload, args.out_dir)
 
 
 if __name__ == "__main__":
