@@ -1,4 +1,5 @@
-"""`tmpq` command line: train, sample, train-classifier, eval, layers, calibrate, search.
+"""`tmpq` command line: train, sample, train-classifier, eval, layers, calibrate,
+search, export.
 
 Config overrides follow ml_collections' flag style: `--config.train.num_steps=100`.
 Every `UserError` becomes one line on stderr and exit status 2.
@@ -331,6 +332,45 @@ def cmd_calibrate(args, overrides) -> int:
     return 0
 
 
+def cmd_export(args, overrides) -> int:
+    from tmpq_jax.quant.qwix_files import check_out
+    from tmpq_jax.serving import load_genome_model
+
+    if overrides:
+        raise UserError(
+            f"`tmpq export` takes no --config overrides (got {overrides[0]!r})."
+        )
+    if args.matmul_fallback != "refuse" and args.format != "qwix":
+        raise UserError("--matmul-fallback applies to --format qwix only.")
+    check_out(args.out)  # before the work: nothing is ever overwritten
+    lm, genome = load_genome_model(
+        args.genome, args.checkpoint, args.calibration, model_spec=args.model
+    )
+    if args.format == "aqt":
+        from tmpq_jax.quant.export import save_quantized
+
+        path = save_quantized(args.out, lm.params, lm.registry, genome.meta)
+    else:
+        from tmpq_jax.quant.qwix_export import to_qwix
+        from tmpq_jax.quant.qwix_files import save_qwix_export
+
+        export = to_qwix(
+            lm.model,
+            lm.params,
+            lm.registry,
+            lm.example_inputs(1),
+            matmul_fallback=args.matmul_fallback,
+        )
+        path = save_qwix_export(args.out, export, genome.meta)
+        floats = [r["name"] for r in export.layers if r["served"] == "float"]
+        print(
+            f"{len(export.rules)} Qwix rules for {len(export.layers)} ops"
+            + (f"; served in float by Qwix: {', '.join(floats)}" if floats else "")
+        )
+    print(f"wrote {path}")
+    return 0
+
+
 DEFAULT_SEARCH_CONFIG = Path(DEFAULT_CONFIG).with_name("fmnist_search.py")
 
 
@@ -554,6 +594,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(fn=cmd_calibrate, arg_flags={"num_steps": "--timesteps"})
+
+    x = sub.add_parser(
+        "export", help="a genome's int8 model, to serve with AQT (tmpq_jax) or Qwix"
+    )
+    x.add_argument("--genome", required=True, help="genome/result .json")
+    x.add_argument(
+        "--format",
+        choices=["aqt", "qwix"],
+        default="aqt",
+        help="aqt: tmpq_jax's int8 export (default); qwix: Qwix PTQ rules + params "
+        "(docs/qwix.md)",
+    )
+    x.add_argument("--out", required=True, help="a new (or empty) directory")
+    x.add_argument("--checkpoint", help="exported model dir (default: the genome's)")
+    _add_model_flag(x)
+    x.add_argument(
+        "--calibration", help="calibration dir (default: the one the genome names)"
+    )
+    x.add_argument(
+        "--matmul-fallback",
+        choices=["refuse", "float"],
+        default="refuse",
+        help="qwix: an attention matmul Qwix cannot serve at the genome's widths "
+        "is refused (default) or served in float",
+    )
+    x.set_defaults(
+        fn=cmd_export,
+        arg_flags={
+            "calibration": "--calibration",
+            "checkpoint": "--checkpoint",
+            "model_spec": "--model",
+        },
+    )
 
     q = sub.add_parser("layers", help="list the quantizable layers (names for genomes)")
     q.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")
