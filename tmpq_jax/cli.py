@@ -67,7 +67,7 @@ def cmd_sample(args, overrides) -> int:
             raise UserError(
                 f"{p}: use a .png path for --out and a .npz path for --npz."
             )
-    if _is_flow_model(args.checkpoint):
+    if _is_flow_model(args.checkpoint, args.genome):
         return _sample_flow(args)
     if args.solver not in (None, "ddim"):  # a flow solver for a noise predictor
         from tmpq_jax.diffusion.flow import check_sampler
@@ -140,12 +140,19 @@ def cmd_sample(args, overrides) -> int:
     return 0
 
 
-def _is_flow_model(checkpoint) -> bool:
-    if not checkpoint:
-        return False
+def _is_flow_model(checkpoint, genome=None) -> bool:
+    """Whether the model to sample (--checkpoint, else the one a --genome names)
+    is a flow model."""
     from tmpq_jax.checkpoint import read_card
     from tmpq_jax.diffusion.flow import prediction_of
 
+    if not checkpoint and genome:
+        from tmpq_jax.genome_file import _load_json
+        from tmpq_jax.user_model import resolve_source
+
+        checkpoint = resolve_source(_load_json(Path(genome)).get("model"))
+    if not checkpoint:
+        return False
     return prediction_of(read_card(checkpoint)) == "velocity"
 
 
@@ -161,10 +168,13 @@ def _sample_flow(args) -> int:
 
     if args.schedule or args.eta or args.solver == "ddim":  # DDIM/DDPM's options
         check_sampler("ddpm" if args.schedule == "ddpm" else "ddim", "velocity")
-    for flag, v in (("--genome", args.genome), ("--dtype", args.dtype)):
-        if v:
-            raise UserError(f"{flag}: not yet available for a DiT; leave it out.")
-    cfg, params, _ = load_dit(args.checkpoint)
+    if args.dtype:
+        raise UserError("--dtype: not available for a DiT; leave it out.")
+    kw = dict(guidance=args.guidance, solver=args.solver or "euler")
+    if args.genome:  # the genome's times, int8 weights and guidance
+        cfg, params, kw = _flow_genome(args, kw)
+    else:
+        cfg, params, _ = load_dit(args.checkpoint)
     imgs = to_uint8(
         sample_dit(
             jax.random.key(args.seed),
@@ -173,10 +183,9 @@ def _sample_flow(args) -> int:
             args.num,
             args.steps if args.steps is not None else 10,
             label=args.label,
-            guidance=args.guidance,
             shift=args.shift,
-            solver=args.solver or "euler",
             batch_size=args.batch_size,
+            **kw,
         )
     )
     if args.out:
@@ -186,6 +195,31 @@ def _sample_flow(args) -> int:
         save_npz(imgs, args.npz, timesteps=[])
         print(f"wrote {args.npz}")
     return 0
+
+
+def _flow_genome(args, kw: dict):
+    """(config, params, sample_dit's keywords) of a flow model's genome: its
+    int8 model, time grid, solver and guidance (the flags override the last two)."""
+    import numpy as np
+
+    from tmpq_jax.diffusion.flow import gene_times, grid_from_times
+    from tmpq_jax.serving import load_genome_model
+
+    if args.steps is not None:
+        raise UserError("--steps: a --genome carries its own times; leave it out.")
+    lm, genome = load_genome_model(
+        args.genome, args.checkpoint, args.calibration, model_spec=args.model,
+        pick=args.pick,
+    )  # fmt: skip
+    s = genome.meta.get("sampler") or {}
+    times = gene_times(np.asarray(genome.timesteps), lm.diffusion.num_timesteps)
+    guidance = kw["guidance"] if kw["guidance"] is not None else s.get("guidance")
+    return lm.config, lm.params, dict(
+        guidance=None if guidance in (None, 1.0) else guidance,
+        solver=args.solver or s.get("solver", "euler"),
+        model_fn=lm.model_fn(lm.params),
+        times=np.asarray(grid_from_times(times)),
+    )
 
 
 def cmd_train_classifier(args, overrides) -> int:
