@@ -81,7 +81,9 @@ def main(argv=None) -> None:
         "model": args.model,
         "params": n_params,
         "gflop_per_image": gflops_per_image(cfg),
-        "training": {k: card.get(k) for k in ("steps", "train_seconds", "wall_s")},
+        "training": {
+            k: card.get(k) for k in ("steps", "device", "date", "train_wall_s_total")
+        },
         "num_samples": args.num,
         "rows": rows,
     }
