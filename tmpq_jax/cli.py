@@ -1,5 +1,5 @@
 """`tmpq` command line: train, sample, train-classifier, eval, layers, calibrate,
-search, export.
+search, export, compare.
 
 Config overrides follow ml_collections' flag style: `--config.train.num_steps=100`.
 Every `UserError` becomes one line on stderr and exit status 2.
@@ -405,6 +405,23 @@ def cmd_export(args, overrides) -> int:
     return 0
 
 
+def cmd_compare(args, overrides) -> int:
+    from tmpq_jax.compare import run_compare, summary
+
+    if overrides:
+        raise UserError(
+            f"`tmpq compare` takes no --config overrides (got {overrides[0]!r})."
+        )
+    r = run_compare(
+        args.genome, args.out, args.num, args.seed, checkpoint=args.checkpoint,
+        model_spec=args.model, calibration=args.calibration, data_dir=args.data_dir,
+        batch_size=args.batch_size, progress=not args.no_progress,
+        command=args.command_line,
+    )  # fmt: skip
+    print(f"{summary(r)}\nwrote {args.out}/compare.json and compare.png")
+    return 0
+
+
 DEFAULT_SEARCH_CONFIG = Path(DEFAULT_CONFIG).with_name("fmnist_search.py")
 
 
@@ -661,6 +678,27 @@ def build_parser() -> argparse.ArgumentParser:
             "model_spec": "--model",
         },
     )
+
+    m = sub.add_parser(
+        "compare", help="what a genome changes in its images against full precision"
+    )
+    m.add_argument("--genome", required=True, help="genome/result .json")
+    m.add_argument(
+        "--num", type=int, help="samples per set (default 2000; 500 on a CPU)"
+    )
+    m.add_argument("--out", default="runs/compare", help="for compare.json/.png")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--checkpoint", help="exported model dir (default: the genome's)")
+    _add_model_flag(m)
+    m.add_argument("--calibration", help="default: the one the genome names")
+    m.add_argument("--data-dir", help="Fashion-MNIST idx directory (test split)")
+    m.add_argument("--batch-size", type=int, default=500)
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(
+        fn=cmd_compare,
+        arg_flags={"num": "--num", "out_dir": "--out", "calibration": "--calibration",
+                   "checkpoint": "--checkpoint", "model_spec": "--model"},
+    )  # fmt: skip
 
     q = sub.add_parser("layers", help="list the quantizable layers (names for genomes)")
     q.add_argument("--checkpoint", help="exported model dir (default: the shipped one)")
