@@ -113,7 +113,7 @@ def changes(a: np.ndarray, b: np.ndarray, sa: dict, sb: dict) -> dict:
     out["scores"] = {
         k: score_a[k] - score_b[k]
         for k in score_a
-        if k != "num_samples"
+        if k not in ("num_samples", "kid_std")
         and isinstance(score_a[k], float)
         and isinstance(score_b.get(k), float)
     }
