@@ -196,6 +196,9 @@ def _scores_line(s: dict) -> str:
     return "FID " + ", ".join(f"{n} {s[k]:.2f}" for k, n in keys if k in s)
 
 
+PIXELS = {"interpolation": "nearest"}  # pixels as pixels (and a small PNG)
+
+
 def plot(result: dict, sets: Mapping[str, np.ndarray], path) -> Path:
     """compare.png: sample grids from the same noise (row 1), mean images and the
     candidate's difference to each other set (row 2), contrast histograms and
@@ -209,7 +212,7 @@ def plot(result: dict, sets: Mapping[str, np.ndarray], path) -> Path:
     ax = rows[0].subplots(1, len(names))
     for a, n in zip(np.atleast_1d(ax), names, strict=True):
         grid = make_grid(sets[n][:GRID])
-        a.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray")
+        a.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", **PIXELS)
         a.set_title(_label(n, result), fontsize=9)
         if "scores" in stats[n]:
             a.set_xlabel(_scores_line(stats[n]["scores"]), fontsize=7.5)
@@ -223,7 +226,7 @@ def plot(result: dict, sets: Mapping[str, np.ndarray], path) -> Path:
     lim = max(float(np.abs(d).max()) for d in diffs.values()) or 1e-3
     ax = rows[1].subplots(1, len(names) + len(others))
     for a, n in zip(ax[: len(names)], names, strict=True):
-        im = a.imshow(means[n], cmap="gray", vmin=0.0, vmax=top)
+        im = a.imshow(means[n], cmap="gray", vmin=0.0, vmax=top, **PIXELS)
         s = stats[n]
         a.set_title(
             f"mean: {_label(n, result)}\nbrightness {s['mean_brightness']:.3f}",
@@ -231,7 +234,7 @@ def plot(result: dict, sets: Mapping[str, np.ndarray], path) -> Path:
         )
     rows[1].colorbar(im, ax=ax[: len(names)], shrink=0.8, label="mean pixel")
     for a, n in zip(ax[len(names) :], others, strict=True):
-        im = a.imshow(diffs[n], cmap="RdBu_r", vmin=-lim, vmax=lim)
+        im = a.imshow(diffs[n], cmap="RdBu_r", vmin=-lim, vmax=lim, **PIXELS)
         c = result["changes"][n]
         a.set_title(
             f"{first} - {n}\n|diff| mean {c['mean_image_abs_diff_mean']:.4f}",
@@ -288,7 +291,10 @@ def plot(result: dict, sets: Mapping[str, np.ndarray], path) -> Path:
     n_img = stats[first]["num_images"]
     fig.suptitle(f"{result.get('genome', first)}: {n_img} samples per set", fontsize=11)
     path = Path(path)
-    return files.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    return files.atomic_write(
+        path,
+        lambda p: fig.savefig(p, format="png", dpi=110, pil_kwargs={"optimize": True}),
+    )
 
 
 # --- the command --------------------------------------------------------------
