@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 
 from tmpq_jax.config import ExperimentConfig, load_config
@@ -45,3 +46,13 @@ def test_overrides_reach_settings_a_file_does_not_name():
         load_config("configs/fmnist_dit.py", ["flow.logit_std=0.5"])
     )
     assert dit.flow.logit_std == 0.5 and dit.model.width == 192
+
+
+def test_the_default_teacher_schedule_is_valid_for_the_shipped_model():
+    # Found on the GPU: 100 quad steps of 1000 repeat timesteps and were refused.
+    from tmpq_jax.diffusion.schedules import timestep_schedule
+    from tmpq_jax.search.config import SearchConfig
+
+    c = SearchConfig(fitness="teacher")
+    ts = np.asarray(timestep_schedule(c.teacher_schedule, c.teacher_steps, 1000))
+    assert len(ts) == c.teacher_steps and np.all(np.diff(ts) > 0)
