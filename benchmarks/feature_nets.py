@@ -2,28 +2,14 @@
 
   python -m benchmarks.feature_nets [--digits-steps 400] [--out-dir DIR]
 
-Two datasets: Fashion-MNIST (the shipped nets: the fitness classifier, the
-ensemble's second classifier, and the two evaluation nets) and scikit-learn's
-bundled 8x8 handwritten digits (1797 images, upsampled 2x to 16x16 uint8), for
-which this script trains two nets with `train_classifier` on this machine: one
-from the labels, one without them (SimCLR), from an `.npz` each, as
-`tmpq train-classifier --data FILE.npz` would.
-
-For each net, three sets of N images are scored against the TRAIN split's
-statistics (the held-out test split supplies the real images):
-* `fid_real`: N held-out real images;
-* `fid_weak`: the same images blurred (Gaussian, sigma = image height / 12 px:
-  2.3 px at 28, 1.3 px at 16) -- what an under-trained generator's samples look
-  like, without training one;
-* `fid_noise`: N images of uniform random pixels.
-N = 2000 for Fashion-MNIST, the whole held-out split (20%: 360) for the digits.
-`accuracy` is the held-out classification accuracy of a labels net, the held-out
-SimCLR pair accuracy of a contrastive one (`knn_accuracy`: a 10-NN vote in its
-features, for contrastive nets where labels exist).
-Writes benchmarks/results/feature_nets.json. Needs scikit-learn (the digits).
+Nets: Fashion-MNIST's shipped ones (fitness, the ensemble's second, two evaluation
+nets) and, on scikit-learn's 8x8 digits upsampled to 16x16, two trained here from an
+`.npz` (with and without labels, as `tmpq train-classifier --data`). Each scores, on
+the TRAIN split's statistics, held-out real images (`fid_real`), the same blurred by
+sigma = height / 12 px (`fid_weak`: a weak generator's samples) and uniform noise
+(`fid_noise`): 2000 images on Fashion-MNIST, the held-out 20% (360) of the digits.
+Writes benchmarks/results/feature_nets.json. Needs scikit-learn.
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -32,22 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import provenance, write_json
+from benchmarks.common import add_args, provenance, write_json
 from tmpq_jax.checkpoint import CHECKPOINTS_DIR
 from tmpq_jax.data import load_splits
 from tmpq_jax.metrics import fid, load_feature_net, load_reference_stats
-from tmpq_jax.metrics.train_classifier import (
-    ClassifierTrainConfig,
-    default_configdict,
-    train_classifier,
-)
+from tmpq_jax.metrics.train_classifier import ClassifierTrainConfig as TrainConfig
+from tmpq_jax.metrics.train_classifier import default_configdict, train_classifier
 
-FMNIST_NETS = (
-    "fmnist_classifier",
-    "fmnist_classifier_b",
-    "fmnist_eval_resnet",
-    "fmnist_eval_simclr",
-)
+FMNIST_NETS = ("fmnist_classifier", "fmnist_classifier_b", "fmnist_eval_resnet",
+               "fmnist_eval_simclr")  # fmt: skip
 
 
 def blur(images: np.ndarray, sigma: float) -> np.ndarray:
@@ -59,10 +38,9 @@ def blur(images: np.ndarray, sigma: float) -> np.ndarray:
     for axis in (1, 2):
         pad = [(0, 0)] * 4
         pad[axis] = (r, r)
-        xp = np.pad(x, pad, mode="edge")
+        xp, n = np.pad(x, pad, mode="edge"), x.shape[axis]
         x = sum(
-            k[i] * np.take(xp, np.arange(i, i + x.shape[axis]), axis=axis)
-            for i in range(2 * r + 1)
+            k[i] * np.take(xp, np.arange(i, i + n), axis=axis) for i in range(2 * r + 1)
         )
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
@@ -72,28 +50,20 @@ def score_net(path: Path, dataset: str, real: np.ndarray, seed: int = 0) -> dict
     stats = load_reference_stats(path, net)
     card = json.loads((path / "card.json").read_text())
     ref = (stats["mu_train"], stats["sigma_train"], stats["sqrt_sigma_train"])
-    rng = np.random.default_rng(seed)
-    h = real.shape[1]
-    sets = {
-        "real": real,
-        "weak": blur(real, h / 12),
-        "noise": rng.integers(0, 256, real.shape, dtype=np.uint8),
-    }
+    noise = np.random.default_rng(seed).integers(0, 256, real.shape, dtype=np.uint8)
+    labels = card.get("objective", "labels") == "labels"
     row = {
-        "dataset": dataset,
-        "feature_net": str(path.name),
+        "dataset": dataset, "feature_net": str(path.name),
         "objective": card.get("objective", "labels"),
         "arch": card["config"]["model"].get("arch", "cnn"),
         "feature_dim": net.feature_dim,
         "accuracy": card.get("test_accuracy", card.get("test_pair_accuracy")),
-        "accuracy_kind": "held-out classification accuracy"
-        if card.get("objective", "labels") == "labels"
-        else "held-out SimCLR pair accuracy",
+        "accuracy_kind": f"held-out {'classification' if labels else 'SimCLR pair'} accuracy",
         "knn_accuracy": card.get("test_knn_accuracy"),
-        "train_device": card.get("device"),
-        "train_wall_s": card.get("wall_time_s"),
+        "train_device": card.get("device"), "train_wall_s": card.get("wall_time_s"),
         "num_samples": int(len(real)),
-    }
+    }  # fmt: skip
+    sets = {"real": real, "weak": blur(real, real.shape[1] / 12), "noise": noise}
     for name, images in sets.items():
         row[f"fid_{name}"] = fid(net.extract(images).features, *ref)
     return row
@@ -112,23 +82,13 @@ def digits_npz(root: Path) -> tuple[Path, Path]:
     return labeled, unlabeled
 
 
-def digits_config(objective: str, steps: int) -> ClassifierTrainConfig:
+def digits_config(objective: str, steps: int) -> TrainConfig:
     c = default_configdict()
     c.model.update(widths=(16, 32), feature_dim=32, num_groups=8, arch="resnet")
-    c.update(
-        batch_size=128,
-        num_steps=steps,
-        steps_per_call=50,
-        warmup_steps=50,
-        learning_rate=3e-3,
-        hflip=False,  # digits are not mirror-symmetric
-        max_shift=1,
-        objective=objective,
-        test_fraction=0.2,
-        fid_floor_sizes=(300,),
-        fid_floor_subsets=4,
-    )
-    return ClassifierTrainConfig.from_configdict(c)
+    c.update(batch_size=128, num_steps=steps, steps_per_call=50, warmup_steps=50)
+    c.update(learning_rate=3e-3, max_shift=1, objective=objective, test_fraction=0.2)
+    c.update(hflip=False, fid_floor_sizes=(300,), fid_floor_subsets=4)  # no mirroring
+    return TrainConfig.from_configdict(c)
 
 
 def digits_rows(root: Path, steps: int) -> list[dict]:
@@ -137,8 +97,7 @@ def digits_rows(root: Path, steps: int) -> list[dict]:
     labeled, unlabeled = digits_npz(root)
     rows = []
     for npz, objective in ((labeled, "labels"), (unlabeled, "contrastive")):
-        cfg = digits_config(objective, steps)
-        wd = root / f"digits_{objective}"
+        cfg, wd = digits_config(objective, steps), root / f"digits_{objective}"
         if not (wd / "card.json").is_file():
             train_classifier(cfg, wd, progress=False, data=str(npz))
         splits = load_splits(str(npz), None, cfg.test_fraction, cfg.split_seed)
@@ -150,20 +109,14 @@ def digits_rows(root: Path, steps: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--digits-steps", type=int, default=400)
-    ap.add_argument("--fmnist-samples", type=int, default=2000)
-    ap.add_argument("--out-dir", default=None)
-    ap.add_argument(
-        "--keep",
-        help="keep the digits nets in this directory (and reuse those already there)",
-    )
+    add_args(ap, digits_steps=400, fmnist_samples=2000, out_dir=None)
+    keep = "keep the digits nets in this directory (and reuse those already there)"
+    ap.add_argument("--keep", help=keep)
     ap.add_argument("--datasets", default="fmnist,digits")
     args = ap.parse_args()
-    rows = []
-    datasets = args.datasets.split(",")
+    rows, datasets = [], args.datasets.split(",")
     if "fmnist" in datasets:
-        fm = load_splits("fmnist")
-        real = fm.test.images[: args.fmnist_samples]
+        real = load_splits("fmnist").test.images[: args.fmnist_samples]
         for name in FMNIST_NETS:
             if (CHECKPOINTS_DIR / name / "card.json").is_file():
                 rows.append(score_net(CHECKPOINTS_DIR / name, "fmnist", real))
@@ -171,18 +124,11 @@ def main() -> None:
     if "digits" in datasets:
         with tempfile.TemporaryDirectory() as tmp:
             rows += digits_rows(Path(args.keep or tmp), args.digits_steps)
-    out = write_json(
-        "feature_nets.json",
-        {
-            **provenance(),
-            "what": "FID (train-split statistics) of held-out real images, of the "
-            "same images blurred (a weak model's samples) and of uniform noise, in "
-            "each feature net's space",
-            "rows": rows,
-        },
-        args.out_dir,
-    )
-    print(f"wrote {out}")
+    what = ("FID (train-split statistics) of held-out real images, of the same images "
+            "blurred (a weak model's samples) and of uniform noise, in each feature "
+            "net's space")  # fmt: skip
+    payload = {**provenance(), "what": what, "rows": rows}
+    print(f"wrote {write_json('feature_nets.json', payload, args.out_dir)}")
 
 
 if __name__ == "__main__":

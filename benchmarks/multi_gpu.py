@@ -1,22 +1,15 @@
 """The search's population sharded over 1, 2, ... devices of one host: generation
 wall time and evaluations per second against the device count.
 
-Each device count runs in its own process (`CUDA_VISIBLE_DEVICES` on a GPU host;
-forced host devices on a CPU), the paper protocol (`configs/fmnist_search.py`) for
-`--generations` generations, no re-scoring. The first two generations compile (the
-first generation's program, then the generation step's); the steady generation
-time is the mean over the later ones, and the speedup is the one-device steady time
-over each device count's (every count evaluates the same genomes a generation).
-The best fitness per generation is kept, to compare the sharded search's path
-with the single-device one's.
+Each count runs the paper protocol for `--generations` generations in its own
+process (`CUDA_VISIBLE_DEVICES`, or forced CPU devices); the first two compile, the
+steady time is the later ones' mean. The best fitness per generation is kept.
 
   python -m benchmarks.multi_gpu --devices 1,2 --generations 5   # on a 2-GPU host
   python -m benchmarks.multi_gpu --summarize benchmarks/results/multi_gpu.json
   JAX_PLATFORMS=cpu python -m benchmarks.multi_gpu --devices 1,2 --generations 3 \
       --override search.num_samples=136 --override search.population=4 --out /tmp/m.json
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -27,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, provenance, write_json
+from benchmarks.common import REPO, RESULTS, add_args, ints, provenance, write_json
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist_search.py")
+CONFIG = str(REPO / "configs" / "fmnist_search.py")
+COMPILING = 2  # generations that compile: the first one's program, then the step's
 
 
 def worker(generations: int, overrides: list[str], out: Path) -> None:
@@ -45,26 +39,21 @@ def worker(generations: int, overrides: list[str], out: Path) -> None:
     run = SearchRunConfig.from_configdict(cd)
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
-        setup = prepare(run, Path(wd), progress=False)
-        run_generations(setup, wd, progress=False)
-        wall = time.perf_counter() - t0
-        log = read_log(wd)
+        run_generations(prepare(run, Path(wd), progress=False), wd, progress=False)
+        wall, log = time.perf_counter() - t0, read_log(wd)
     mesh = search_mesh(run.search)
     payload = dict(
-        devices=jax.device_count(),
-        device_kind=jax.devices()[0].device_kind,
-        mesh=dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)),
-        wall_s=wall,
+        devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
+        mesh=dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)), wall_s=wall,
         generation_s=[r["wall_s"] for r in log],
         evaluated_by_generation=[r["evaluated"] for r in log],
         best_fitness_by_generation=[r["best_fitness_so_far"] for r in log],
-    )
+    )  # fmt: skip
     out.write_text(json.dumps(payload))
 
 
 def _env(n: int) -> dict:
-    """The first n GPUs (of those CUDA_VISIBLE_DEVICES leaves), or n forced CPU
-    devices under JAX_PLATFORMS=cpu."""
+    """The first n GPUs CUDA_VISIBLE_DEVICES leaves, or n forced CPU devices."""
     env = dict(os.environ)
     if env.get("JAX_PLATFORMS", "").startswith("cpu"):
         flags = env.get("XLA_FLAGS", "")
@@ -76,10 +65,25 @@ def _env(n: int) -> dict:
     return env
 
 
+def _row(n: int, generations: int, overrides: list[str]) -> dict:
+    """One device count's row, from a worker process."""
+    with tempfile.TemporaryDirectory() as d:
+        res = Path(d) / "row.json"
+        cmd = [sys.executable, "-m", "benchmarks.multi_gpu", "--worker", str(res)]
+        cmd += ["--generations", str(generations)]
+        cmd += [a for o in overrides for a in ("--override", o)]
+        p = subprocess.run(cmd, env=_env(n), capture_output=True, text=True)
+        if p.returncode or not res.exists():
+            return dict(devices=n, error=p.stderr.strip().splitlines()[-3:])
+        row = json.loads(res.read_text())
+    if row["devices"] != n:  # fewer GPUs than asked, or no GPU at all
+        return dict(devices=n, error=f"asked {n}, JAX saw {row['devices']}")
+    return row
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--devices", default="1,2")
-    ap.add_argument("--generations", type=int, default=5)
+    add_args(ap, devices="1,2", generations=5)
     ap.add_argument("--override", action="append", default=[], help="KEY=VALUE")
     ap.add_argument("--out", default=str(RESULTS / "multi_gpu.json"))
     ap.add_argument("--summarize", type=Path, help="recompute an existing file's rates")
@@ -89,32 +93,14 @@ def main(argv=None) -> None:
         return worker(a.generations, a.override, a.worker)
     if a.summarize:
         raw = summarize(json.loads(a.summarize.read_text()))
-        print(write_json(a.summarize.name, raw, a.summarize.parent))
-        return None
-    out = Path(a.out)
-    raw = dict(provenance(), config="configs/fmnist_search.py",
-               generations=a.generations, overrides=a.override, rows=[])  # fmt: skip
-    for n in [int(v) for v in a.devices.split(",")]:
-        with tempfile.TemporaryDirectory() as d:
-            res = Path(d) / "row.json"
-            cmd = [sys.executable, "-m", "benchmarks.multi_gpu", "--worker", str(res),
-                   "--generations", str(a.generations)]  # fmt: skip
-            for o in a.override:
-                cmd += ["--override", o]
-            p = subprocess.run(cmd, env=_env(n), capture_output=True, text=True)
-            if p.returncode or not res.exists():
-                row = dict(devices=n, error=p.stderr.strip().splitlines()[-3:])
-            else:
-                row = json.loads(res.read_text())
-                if row["devices"] != n:  # fewer GPUs than asked, or no GPU at all
-                    row = dict(devices=n, error=f"asked {n}, JAX saw {row['devices']}")
-        raw["rows"].append(row)
-        print(json.dumps(row), flush=True)
+        return print(write_json(a.summarize.name, raw, a.summarize.parent))
+    out, meta = Path(a.out), dict(generations=a.generations, overrides=a.override)
+    raw = dict(provenance(), config="configs/fmnist_search.py", **meta, rows=[])
+    for n in ints(a.devices):
+        raw["rows"].append(_row(n, a.generations, a.override))
+        print(json.dumps(raw["rows"][-1]), flush=True)
         write_json(out.name, raw, out.parent)
     write_json(out.name, summarize(raw), out.parent)
-
-
-COMPILING = 2  # generations that compile: the first one's program, then the step's
 
 
 def summarize(raw: dict) -> dict:

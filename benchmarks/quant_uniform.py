@@ -1,37 +1,17 @@
 """The uniform-precision table: FID of uniform WxAy beside full precision.
 
-  python -m benchmarks.quant_uniform [--num-samples 10000] [--batch-size 2000]
-      [--bits w8a8,w7a7,w6a6,w5a5,w4a8] [--steps 10q,100]
-      [--calibrations minmse,minmse_bc,recon,recon_bc] [--candidates 8,7,6,5,4]
-      [--workdir runs/quant_uniform] [--recon-steps 300] [--out-dir DIR] [--out NAME]
+  python -m benchmarks.quant_uniform [--bits w8a8,w7a7,w6a6,w5a5,w4a8] [--steps 10q,100]
+      [--calibrations minmse,minmse_bc,recon,recon_bc] [--out-dir DIR] [--out NAME]
   python -m benchmarks.quant_uniform --merge PART.json PART.json [--out-dir DIR]
 
-Rows: for every step setting (`100`: DDIM 100 uniform steps, `10q`: 10 quad steps;
-`Nu`/`Nq` in general) full precision, then every (bits, calibration). Every row
-samples `--num-samples` images from the same noises (those of `tmpq eval` /
-`benchmarks.fp_baseline` at the same seed and batch size, so the FP rows repeat
-that table's) and scores them with `tmpq_jax.evaluation.Evaluator`: FID, KID (std
-over subsets), IS, class histogram, plus the RMS image difference to the FP
-samples of the same noise (gray levels) and the class agreement with them.
-
-Calibrations, once per kind for the whole candidate set (`--candidates`, which
-must hold every width in `--bits`), made by `tmpq_jax.quant.solver.solve` (what
-`tmpq calibrate` runs; seed 0, 20 timesteps x 32 samples), kept under `--workdir`
-and reused by a later call: `minmse` (min-MSE ranges only), `minmse_bc` (then
-bias correction), `recon` (min-MSE, then block reconstruction), `recon_bc`
-(then bias correction); `dynamic` (not by default) is no calibration: absmax
-ranges, no weight clipping. W4A8 takes the 4-bit weight and the 8-bit activation
-results of the same calibration (reconstruction fits each width for a whole
-block, WkAk; bias correction is stored for every (w, a) pair).
-
-One sampler is compiled per step setting for all the quantized rows (the bits and
-the calibration's arrays are traced arguments), one for FP. The JSON is rewritten
-after every row, so a run cut short keeps what it finished. Split a long table
-over calls (e.g. `--calibrations minmse`, then `--calibrations recon_bc`, each with
-its own `--out`) and join the parts with `--merge` (FP rows are kept once).
+Per step setting (`100`: DDIM 100 uniform steps, `10q`: 10 quad), full precision
+and every (bits, calibration), from the noises of `tmpq eval` at the same seed and
+batch size, scored by `Evaluator` and against the FP image of the same noise.
+Calibrations (`quant.solver.solve`, as `tmpq calibrate`) are kept under `--workdir`
+and reused: `minmse`, `minmse_bc` (+ bias correction), `recon` (+ block
+reconstruction), `recon_bc` (both); `dynamic` is none (absmax ranges). The JSON is
+rewritten after every row; parts with their own `--out` are joined by `--merge`.
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -42,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.common import RESULTS, provenance, write_json
+from benchmarks.common import RESULTS, add_args, provenance, quant_eps, write_json
 from tmpq_jax.diffusion.samplers import ddim_sample
 from tmpq_jax.diffusion.schedules import timestep_schedule
 from tmpq_jax.errors import UserError
@@ -52,32 +32,22 @@ from tmpq_jax.quant import reconstruction as rc
 from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.quant.calibration_io import load_calibration, save_calibration
 from tmpq_jax.quant.solver import solve, with_bias_correction
-from tmpq_jax.quant.supernet import check_bits, check_candidates, quantized_apply
+from tmpq_jax.quant.supernet import check_bits, check_candidates
 from tmpq_jax.sampling import load_model
 
 NAME = "quant_uniform.json"
 # kind: (reconstruction on?, bias correction on?); "dynamic": no calibration
-CALIBRATIONS = {
-    "minmse": (False, False),
-    "minmse_bc": (False, True),
-    "recon": (True, False),
-    "recon_bc": (True, True),
-    "dynamic": None,
-}
+CALIBRATIONS = {"minmse": (False, False), "minmse_bc": (False, True),
+                "recon": (True, False), "recon_bc": (True, True), "dynamic": None}  # fmt: skip
 SCHEDULES = {"u": "uniform", "q": "quad"}
 GRAY_LEVEL = 2.0 / 255.0
 CALIB_SEED = 0  # as `tmpq calibrate` (its default --seed)
 
 
-# ----------------------------------------------------------------------------
-# Arguments.
-
-
 def parse_bits(spec: str) -> list[tuple[int, int]]:
     out = []
     for s in spec.split(","):
-        m = re.fullmatch(r"[wW](\d)[aA](\d)", s.strip())
-        if not m:
+        if not (m := re.fullmatch(r"[wW](\d)[aA](\d)", s.strip())):
             raise SystemExit(f"--bits {s!r}: write widths like w8a8,w4a8")
         out.append((int(m[1]), int(m[2])))
     return out
@@ -87,15 +57,10 @@ def parse_steps(spec: str) -> list[tuple[int, str]]:
     """'100' (uniform), '100u', '10q' -> (steps, schedule)."""
     out = []
     for s in spec.split(","):
-        m = re.fullmatch(r"(\d+)([uq]?)", s.strip())
-        if not m:
+        if not (m := re.fullmatch(r"(\d+)([uq]?)", s.strip())):
             raise SystemExit(f"--steps {s!r}: write settings like 100,10q")
         out.append((int(m[1]), SCHEDULES[m[2] or "u"]))
     return out
-
-
-# ----------------------------------------------------------------------------
-# Calibrations (kept in the workdir, reused when there).
 
 
 def _solve(lm, reg, cands, path: Path, steps: int, args) -> tuple:
@@ -108,21 +73,11 @@ def _solve(lm, reg, cands, path: Path, steps: int, args) -> tuple:
         return qp, meta["settings"], True
     except UserError:
         pass
-    qp, settings, info = solve(
-        lm,
-        CALIB_SEED,
-        cands,
-        args.calib_timesteps,
-        args.calib_samples,
-        reconstruct_steps=steps,
-        bias_correction=False,
-        registry=reg,
-        progress=False,
-    )
-    settings |= {
-        "seconds": round(info["seconds"], 2),
-        "device": jax.devices()[0].device_kind,
-    }
+    n_t, n_s = args.calib_timesteps, args.calib_samples
+    kw = dict(reconstruct_steps=steps, bias_correction=False, registry=reg)
+    qp, settings, info = solve(lm, CALIB_SEED, cands, n_t, n_s, progress=False, **kw)
+    dev = jax.devices()[0].device_kind
+    settings |= dict(seconds=round(info["seconds"], 2), device=dev)
     save_calibration(path, qp, reg, cands, settings, fp)
     print(f"{path.name}: {info['seconds']:.1f} s", flush=True)
     return qp, settings, False
@@ -132,27 +87,19 @@ def _bias_corrected(lm, reg, qp, settings: dict) -> tuple:
     """`qp` with bias corrections made on its own calibration set (as `solve`
     makes them last), and settings saying so."""
     t0 = time.perf_counter()
-    qp = with_bias_correction(
-        lm,
-        qp,
-        settings["seed"],
-        settings["num_timesteps"],
-        settings["num_samples"],
-        registry=reg,
-    )
+    n_t, n_s = settings["num_timesteps"], settings["num_samples"]
+    qp = with_bias_correction(lm, qp, settings["seed"], n_t, n_s, registry=reg)
     seconds = time.perf_counter() - t0
     print(f"bias correction: {seconds:.1f} s", flush=True)
-    settings = settings | {
-        "bias_correction": True,
-        "bias_correction_seconds": round(seconds, 2),
-        "seconds": round((settings.get("seconds") or 0.0) + seconds, 2),
-    }
-    return qp, settings
+    total = round((settings.get("seconds") or 0.0) + seconds, 2)
+    extra = dict(bias_correction=True, bias_correction_seconds=round(seconds, 2))
+    return qp, settings | extra | {"seconds": total}
 
 
 def get_calibrations(lm, reg, cands, kinds, args) -> tuple[dict, dict]:
     """({kind: QParams | None}, {kind: record for the JSON}). A `_bc` kind is its
     base kind's calibration (made once) plus bias correction."""
+    c = ",".join(map(str, cands))
     tag = f"c{''.join(map(str, cands))}-t{args.calib_timesteps}x{args.calib_samples}"
     qps, records, base = {}, {}, {}
     for kind in kinds:
@@ -161,9 +108,8 @@ def get_calibrations(lm, reg, cands, kinds, args) -> tuple[dict, dict]:
             records[kind] = {"what": "no calibration: absmax ranges, no clipping"}
             continue
         recon, bc = CALIBRATIONS[kind]
-        steps = args.recon_steps if recon else 0
+        t0, steps = time.perf_counter(), args.recon_steps if recon else 0
         name = f"{'recon' if recon else 'minmse'}{steps or ''}-{tag}"
-        t0 = time.perf_counter()
         if name not in base:
             base[name] = _solve(lm, reg, cands, Path(args.workdir) / name, steps, args)
         qp, settings, reused = base[name]
@@ -173,90 +119,57 @@ def get_calibrations(lm, reg, cands, kinds, args) -> tuple[dict, dict]:
         flags += " --bias-correction" if bc else ""
         qps[kind] = qp
         records[kind] = {
-            "path": str(Path(args.workdir) / name),
-            "reused": reused,
+            "path": str(Path(args.workdir) / name), "reused": reused,
             "seconds": settings.get("seconds"),
             "wall_s_this_call": round(time.perf_counter() - t0, 2),
             "settings": settings,
-            "equivalent": f"tmpq calibrate --candidates {','.join(map(str, cands))} "
-            f"--timesteps {args.calib_timesteps} --samples {args.calib_samples} "
+            "equivalent": f"tmpq calibrate --candidates {c} --timesteps "
+            f"{args.calib_timesteps} --samples {args.calib_samples} "
             f"--seed {CALIB_SEED}{flags} --out DIR",
-        }
+        }  # fmt: skip
     return qps, records
 
 
-# ----------------------------------------------------------------------------
-# Sampling: one compiled program per (step setting, FP | quantized | dynamic).
-
-
 class Samplers:
+    """One compiled program per (steps, FP | quantized | dynamic); bits traced."""
+
     def __init__(self, lm, reg, cands):
-        self.lm, self.reg, self.cands = lm, reg, cands
-        self.compiled: dict = {}
-        self.compile_s: dict = {}
-
-        def fp(params, ts, x):
-            return ddim_sample(jax.random.key(0), lm.eps_fn(params), x, ts, lm.sched)
-
-        def quant(params, qparams, bits, ts, x):
-            def eps_fn(x, t):
-                return quantized_apply(
-                    lm.model,
-                    {"params": params},
-                    x,
-                    t,
-                    bits=bits,
-                    registry=reg,
-                    qparams=qparams,
-                    candidates=cands,
-                )
-
-            return ddim_sample(jax.random.key(0), eps_fn, x, ts, lm.sched)
-
-        self._fp, self._quant = jax.jit(fp), jax.jit(quant)
-
-    def _get(self, name: str, fn, args):
-        # kind, number of steps, and the arguments' structure (e.g. with or
-        # without bias corrections)
-        key = (name, args[-2].shape[0], str(jax.tree.structure(args)))
-        if key not in self.compiled:
-            t0 = time.perf_counter()
-            self.compiled[key] = fn.lower(*args).compile()
-            self.compile_s[f"{name}/{key[1]} steps"] = round(
-                time.perf_counter() - t0, 2
-            )
-        return self.compiled[key]
+        self.lm, self.compiled, self.compile_s = lm, {}, {}
+        ddim = lambda eps, ts, x: ddim_sample(jax.random.key(0), eps, x, ts, lm.sched)
+        self._fp = jax.jit(lambda p, ts, x: ddim(lm.eps_fn(p), ts, x))
+        quant = lambda p, qp, bits: quant_eps(lm.model, p, bits, reg, qp, cands)
+        self._quant = jax.jit(lambda p, q, bits, ts, x: ddim(quant(p, q, bits), ts, x))
 
     def run(self, ts, noises, bits=None, qparams=None):
         """Images [N, H, W, C] (unclipped, numpy) and the seconds spent sampling."""
-        p = self.lm.params
-        if bits is None:
-            args = (p, ts)
-            fn = self._get("fp", self._fp, (*args, noises[0]))
-        else:
-            args = (p, qparams, bits, ts)
+        fn, args, name = self._fp, (self.lm.params, ts), "fp"
+        if bits is not None:
+            fn, args = self._quant, (self.lm.params, qparams, bits, ts)
             name = "dynamic" if qparams is None else "quantized"
             if qparams is not None and qparams.bias_corr is not None:
                 name += "+bias_corr"
-            fn = self._get(name, self._quant, (*args, noises[0]))
+        # the kind, the number of steps and the arguments' structure (e.g. with or
+        # without bias corrections)
+        key = (name, ts.shape[0], str(jax.tree.structure((*args, noises[0]))))
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = fn.lower(*args, noises[0]).compile()
+            secs = time.perf_counter() - t0
+            self.compile_s[f"{name}/{key[1]} steps"] = round(secs, 2)
         t0 = time.perf_counter()
-        outs = [fn(*args, x) for x in noises]  # all dispatched, then fetched
-        images = np.concatenate([np.asarray(o) for o in outs])
-        return images, time.perf_counter() - t0
+        outs = [self.compiled[key](*args, x) for x in noises]  # dispatched, then read
+        return np.concatenate([np.asarray(o) for o in outs]), time.perf_counter() - t0
 
 
 def make_noises(lm, num: int, batch_size: int, seed: int) -> list:
     """x_T per batch exactly as `sampling.sample` draws them (same seed, batch)."""
-    batch = min(batch_size, num)
-    key = jax.random.key(seed)
-    return [
-        lm.noise(jax.random.split(jax.random.fold_in(key, i))[0], batch)
-        for i in range(-(-num // batch))
-    ]
+    batch, key = min(batch_size, num), jax.random.key(seed)
+    split = lambda i: jax.random.split(jax.random.fold_in(key, i))[0]
+    return [lm.noise(split(i), batch) for i in range(-(-num // batch))]
 
 
-# ----------------------------------------------------------------------------
-# Scoring.
+def _classes(ev: Evaluator, images) -> np.ndarray:
+    return np.asarray(ev.net.extract(images).logits).argmax(-1)
 
 
 def score(ev: Evaluator, images: np.ndarray, num: int, fp_ref) -> dict:
@@ -268,47 +181,36 @@ def score(ev: Evaluator, images: np.ndarray, num: int, fp_ref) -> dict:
     images = np.clip(images, -1.0, 1.0)
     row |= ev.score(images)
     if fp_ref is not None:
-        ref_images, ref_classes = fp_ref
-        d = (images - ref_images) / GRAY_LEVEL
-        classes = np.asarray(ev.net.extract(images).logits).argmax(-1)
+        d = (images - fp_ref[0]) / GRAY_LEVEL
         row["vs_fp_same_noise"] = {
             "rms_diff_gray": float(np.sqrt(np.mean(d**2))),
             "mean_diff_gray": float(np.mean(d)),
-            "class_agreement": float(np.mean(classes == ref_classes)),
+            "class_agreement": float(np.mean(_classes(ev, images) == fp_ref[1])),
         }
     return row
-
-
-# ----------------------------------------------------------------------------
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=None, help="default: the shipped model")
-    ap.add_argument("--num-samples", type=int, default=10_000)
-    ap.add_argument("--batch-size", type=int, default=2000)
+    add_args(ap, num_samples=10_000, batch_size=2000)
     ap.add_argument("--seed", type=int, default=0, help="the sampling noises")
     ap.add_argument("--bits", default="w8a8,w7a7,w6a6,w5a5,w4a8")
-    ap.add_argument(
-        "--steps", default="10q,100", help="step settings: 100 (uniform), 10q (quad)"
-    )
+    steps_help = "step settings: 100 (uniform), 10q (quad)"
+    ap.add_argument("--steps", default="10q,100", help=steps_help)
     ap.add_argument("--calibrations", default="minmse,minmse_bc,recon,recon_bc")
     ap.add_argument("--candidates", default="8,7,6,5,4", help="widths calibrated")
-    ap.add_argument("--calib-timesteps", type=int, default=20)
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--recon-steps", type=int, default=rc.DEFAULT_STEPS)
+    add_args(ap, calib_timesteps=20, calib_samples=32, recon_steps=rc.DEFAULT_STEPS)
     ap.add_argument("--workdir", default="runs/quant_uniform")
     ap.add_argument("--out-dir", default=None, help="default: benchmarks/results")
     ap.add_argument("--out", default=NAME, help="result file name")
     ap.add_argument("--merge", nargs="*", help="join part files into --out")
     args = ap.parse_args()
     if args.merge:
-        print(merge(args.merge, args.out_dir, args.out))
-        return
+        return print(merge(args.merge, args.out_dir, args.out))
 
-    t_start = time.perf_counter()
-    bits_list = parse_bits(args.bits)
-    settings = parse_steps(args.steps)
+    t_start, n = time.perf_counter(), args.num_samples
+    bits_list, settings = parse_bits(args.bits), parse_steps(args.steps)
     kinds = [k.strip() for k in args.calibrations.split(",") if k.strip()]
     if bad := [k for k in kinds if k not in CALIBRATIONS]:
         raise SystemExit(f"--calibrations {bad}: use {', '.join(CALIBRATIONS)}")
@@ -317,113 +219,66 @@ def main() -> None:
         raise SystemExit(f"--bits need widths {missing}; add them to --candidates")
 
     lm = load_model(args.checkpoint)
-    reg = unet_registry(lm.config)
-    ev = Evaluator()
-    ev.check_num_samples(args.num_samples)
+    reg, ev = unet_registry(lm.config), Evaluator()
+    ev.check_num_samples(n)
     qps, calib_records = get_calibrations(lm, reg, cands, kinds, args)
     samplers = Samplers(lm, reg, cands)
-    noises = make_noises(lm, args.num_samples, args.batch_size, args.seed)
-    macs = float(np.sum(reg.macs))
-    fp_size = 32.0 * float(np.sum(reg.params))
-
+    noises = make_noises(lm, n, args.batch_size, args.seed)
+    macs, fp_size = float(np.sum(reg.macs)), 32.0 * float(np.sum(reg.params))
     rows: list[dict] = []
     header = {
         "metric": FID_NAME,
-        "what": "uniform WxAy (every registry layer; MatMul operands at the "
-        "activation width, softmax output at 8 bits) vs full precision, DDIM "
-        "eta 0, the same noises for every row",
+        "what": "uniform WxAy (every registry layer; MatMul operands at the activation "
+        "width, softmax output at 8 bits) vs full precision, DDIM eta 0, the same "
+        "noises for every row",
         "model_checkpoint": args.checkpoint or "checkpoints/fmnist_unet",
-        "feature_net": ev.net.path,
-        "num_samples": args.num_samples,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "candidates": list(cands),
-        "calibrations": calib_records,
-    }
+        "feature_net": ev.net.path, "num_samples": n, "batch_size": args.batch_size,
+        "seed": args.seed, "candidates": list(cands), "calibrations": calib_records,
+    }  # fmt: skip
 
     def save() -> Path:
-        payload = {
-            **provenance(),
-            **header,
-            "compile_s": samplers.compile_s,
-            "wall_s": round(time.perf_counter() - t_start, 2),
-            "rows": rows,
-        }
-        return write_json(args.out, payload, args.out_dir)
+        wall = {"wall_s": round(time.perf_counter() - t_start, 2)}
+        payload = {**provenance(), **header, "compile_s": samplers.compile_s, **wall}
+        return write_json(args.out, payload | {"rows": rows}, args.out_dir)
 
-    for steps, schedule in settings:
-        ts = jax.numpy.asarray(
-            timestep_schedule(schedule, steps, lm.diffusion.num_timesteps), np.int32
-        )
-        common = {
-            "steps": steps,
-            "schedule": schedule,
-            "timesteps": [int(t) for t in ts],
-        }
-        t0 = time.perf_counter()
-        images, sample_s = samplers.run(ts, noises)
-        r = score(ev, images, args.num_samples, None)
-        fp_ref = None
-        if r["fid"] is not None:
-            ref = np.clip(images[: args.num_samples], -1.0, 1.0)
-            fp_ref = (ref, np.asarray(ev.net.extract(ref).logits).argmax(-1))
-        rows.append(
-            {
-                "config": "FP32",
-                "w_bits": 32,
-                "a_bits": 32,
-                "calibration": None,
-                **common,
-                "bitops": 32 * 32 * macs * steps,
-                "size_bits": fp_size,
-                **r,
-                "sample_s": round(sample_s, 2),
-                "images_per_s": round(args.num_samples / sample_s, 1),
-                "wall_s": round(time.perf_counter() - t0, 2),
-            }
-        )
+    def add(row: dict, ts, t0: float, fp_ref, bits=None, qparams=None) -> dict:
+        """Samples and scores one row; appends it, logs it, saves the JSON."""
+        images, sample_s = samplers.run(ts, noises, bits, qparams)
+        r = score(ev, images, n, fp_ref)
+        speed = {"sample_s": round(sample_s, 2), "images_per_s": round(n / sample_s, 1)}
+        rows.append(row | r | speed | {"wall_s": round(time.perf_counter() - t0, 2)})
         _log(rows[-1])
         save()
+        return images
+
+    for steps, schedule in settings:
+        ts = timestep_schedule(schedule, steps, lm.diffusion.num_timesteps)
+        ts = jax.numpy.asarray(ts, np.int32)
+        at = {"steps": steps, "schedule": schedule, "timesteps": [int(t) for t in ts]}
+        fp = dict(config="FP32", w_bits=32, a_bits=32, calibration=None, **at)
+        fp |= dict(bitops=32 * 32 * macs * steps, size_bits=fp_size)
+        images, fp_ref = add(fp, ts, time.perf_counter(), None), None
+        if rows[-1]["fid"] is not None:
+            ref = np.clip(images[:n], -1.0, 1.0)
+            fp_ref = (ref, _classes(ev, ref))
         for kind in kinds:
             for w, a in bits_list:
                 t0 = time.perf_counter()
                 bits = QuantBits.uniform(reg, w, a)
                 check_bits(bits, reg, cands)
-                images, sample_s = samplers.run(ts, noises, bits, qps[kind])
-                r = score(ev, images, args.num_samples, fp_ref)
-                rows.append(
-                    {
-                        "config": f"W{w}A{a}",
-                        "w_bits": w,
-                        "a_bits": a,
-                        "calibration": kind,
-                        **common,
-                        "bitops": float(cost.total_bitops(bits, reg, steps)),
-                        "size_bits": float(cost.model_size_bits(bits, reg)),
-                        **r,
-                        "sample_s": round(sample_s, 2),
-                        "images_per_s": round(args.num_samples / sample_s, 1),
-                        "wall_s": round(time.perf_counter() - t0, 2),
-                    }
-                )
-                _log(rows[-1])
-                save()
+                widths = dict(config=f"W{w}A{a}", w_bits=w, a_bits=a)
+                row = dict(widths, calibration=kind, **at)
+                row["bitops"] = float(cost.total_bitops(bits, reg, steps))
+                row["size_bits"] = float(cost.model_size_bits(bits, reg))
+                add(row, ts, t0, fp_ref, bits, qps[kind])
     print(save())
 
 
 def _log(r: dict) -> None:
     fid = "n/a (non-finite samples)" if r["fid"] is None else f"{r['fid']:.3f}"
-    print(
-        f"{r['steps']:4d} {r['schedule']:7s} {r['config']:5s} "
-        f"{r['calibration'] or '-':7s} fid={fid} kid={r.get('kid')} "
-        f"GBitOPs={r['bitops'] / 1e9:.1f} {r['images_per_s']} img/s "
-        f"({r['wall_s']} s)",
-        flush=True,
-    )
-
-
-def _row_key(r: dict) -> tuple:
-    return (r["config"], r["calibration"], r["steps"], r["schedule"])
+    what = f"{r['steps']:4d} {r['schedule']:7s} {r['config']:5s} {r['calibration'] or '-':7s}"
+    cost_ = f"GBitOPs={r['bitops'] / 1e9:.1f} {r['images_per_s']} img/s"
+    print(f"{what} fid={fid} kid={r.get('kid')} {cost_} ({r['wall_s']} s)", flush=True)
 
 
 def merge(paths: list[str], out_dir: str | None, name: str = NAME) -> Path:
@@ -436,25 +291,20 @@ def merge(paths: list[str], out_dir: str | None, name: str = NAME) -> Path:
                 raise SystemExit(f"{path}: {k} {p[k]} differs from {parts[0][k]}")
     # a part that is itself a merge brings its own parts' provenance
     prov = [q for p in parts for q in p.get("parts") or [p]]
-    rows, seen = [], set()
+    rows, calibrations = {}, {}
     for p in parts:
         for r in p["rows"]:
-            if _row_key(r) not in seen:
-                seen.add(_row_key(r))
-                rows.append(r)
-    calibrations: dict = {}
-    for p in parts:
+            key = (r["config"], r["calibration"], r["steps"], r["schedule"])
+            rows.setdefault(key, r)
         for k, v in p["calibrations"].items():
             calibrations.setdefault(k, v)
     last = {k: v for k, v in parts[-1].items() if k not in ("wall_s", "compile_s")}
+    keys = ("device", "date", "command", "wall_s", "compile_s")
     payload = {
         **last,  # provenance: the last part's; every part's under "parts"
         "calibrations": calibrations,
-        "rows": rows,
-        "parts": [
-            {k: p[k] for k in ("device", "date", "command", "wall_s", "compile_s")}
-            for p in prov
-        ],
+        "rows": list(rows.values()),
+        "parts": [{k: p[k] for k in keys} for p in prov],
     }
     return write_json(name, payload, out_dir or RESULTS)
 

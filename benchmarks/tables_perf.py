@@ -1,15 +1,14 @@
 """docs/performance.md's rendered block: the targets, layouts, paths and sampling tables
 of perf.json, and where the GPU's time goes (kernel_breakdown*.json)."""
 
-from __future__ import annotations
-
 import re
 
 from benchmarks.common import load_result as _load
+from benchmarks.common import md_table
 
 
-def _target(ok: bool) -> str:
-    return "met" if ok else "**not met**"
+def _footer(d: dict, sources: str, name: str) -> str:
+    return f"*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; {sources} → `benchmarks/results/{name}`*"
 
 
 def perf_table(d: dict) -> str:
@@ -21,130 +20,97 @@ def perf_table(d: dict) -> str:
     src = [f"`{c}`" for c in [*chain, d["command"]]]
     if d.get("paper_search"):
         src.append(f"`{d['paper_search']['command']}`")
-    parts.append(
-        f"*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "
-        f"{'; '.join(src)}; `{d.get('vs_torch_eager_source', '')}` → "
-        "`benchmarks/results/perf.json`*"
-    )
+    src.append(f"`{d.get('vs_torch_eager_source', '')}`")
+    parts.append(_footer(d, "; ".join(src), "perf.json"))
     return "\n\n".join(p for p in parts if p)
 
 
 def _perf_targets(d: dict) -> str:
     wall, q = d.get("paper_search_wall_s"), d.get("quant_vs_fp_throughput")
     torch, frac = d.get("vs_torch_eager"), d.get("flops_fraction_of_bf16_ceiling")
-    static = d.get("vs_static_aqt_recompile")
-    out = ["| target (one H100) | measured | |", "| --- | --- | --- |"]
+    static, rows = d.get("vs_static_aqt_recompile"), []
+    met = lambda ok: "met" if ok else "**not met**"
     if wall is not None:
-        out.append(
-            f"| paper-protocol search <= 10 min | {wall / 60:.1f} min | {_target(wall <= 600)} |"
-        )
+        rows.append(["paper-protocol search <= 10 min", f"{wall / 60:.1f} min"])
+        rows[-1].append(met(wall <= 600))
     if q is not None:
-        out.append(
-            f"| quantized population evaluation >= 70% of full-precision throughput "
-            f"| {100 * q:.0f}% | {_target(q >= 0.7)} |"
-        )
+        what = "quantized population evaluation >= 70% of full-precision throughput"
+        rows.append([what, f"{100 * q:.0f}%", met(q >= 0.7)])
     if torch is not None:
-        out.append(
-            f"| >= 5x the PyTorch-eager way per candidate | {torch:.2f}x | "
-            f"{_target(torch >= 5)} |"
-        )
+        what = ">= 5x the PyTorch-eager way per candidate"
+        rows.append([what, f"{torch:.2f}x", met(torch >= 5)])
     if frac is not None:
-        out.append(
-            f"| >= 30% of the measured bf16 matmul ceiling "
-            f"({d['bf16_ceiling_flops_per_s'] / 1e12:.0f} TFLOP/s) "
-            f"| {100 * frac:.1f}% ({d['achieved_flops_per_s'] / 1e12:.0f} TFLOP/s) "
-            f"| {_target(frac >= 0.3)} |"
-        )
+        ceiling = f"({d['bf16_ceiling_flops_per_s'] / 1e12:.0f} TFLOP/s)"
+        got = f"{100 * frac:.1f}% ({d['achieved_flops_per_s'] / 1e12:.0f} TFLOP/s)"
+        what = f">= 30% of the measured bf16 matmul ceiling {ceiling}"
+        rows.append([what, got, met(frac >= 0.3)])
     if static is not None:
-        out.append(
-            f"| (no target) vs bits as constants, recompiled per genome | "
-            f"{static:.0f}x ({d['static_aqt_recompile']['seconds_per_genome']:.1f} s "
-            "a genome) | |"
-        )
-    return "\n".join(out)
+        secs = d["static_aqt_recompile"]["seconds_per_genome"]
+        what = "(no target) vs bits as constants, recompiled per genome"
+        rows.append([what, f"{static:.0f}x ({secs:.1f} s a genome)", ""])
+    return md_table(["target (one H100)", "measured", ""], rows)
 
 
 def _perf_layouts(d: dict) -> str:
-    rows = d.get("layouts") or []
-    if not rows:
-        return ""
-    out = [
-        "| P | chunk | layout | sample-steps/s | peak memory (GiB) |",
-        "| --- | --- | --- | --- | --- |",
-    ]
     mem = {m["chunk"]: m.get("peak_bytes") for m in d.get("memory") or []}
-    for r in rows:
-        rate = r.get("sample_steps_per_s")
-        peak = mem.get(r["chunk"])
-        out.append(
-            f"| {r['P']} | {r['chunk']} | {r['layout']} | "
-            f"{f'{rate:,.0f}' if rate else r.get('skipped', '—')} | "
-            f"{f'{peak / 2**30:.1f}' if peak else '—'} |"
-        )
-    return "\n".join(out)
+    rows = []
+    for r in d.get("layouts") or []:
+        rate, peak = r.get("sample_steps_per_s"), mem.get(r["chunk"])
+        rows.append([r["P"], r["chunk"], r["layout"]])
+        rows[-1].append(f"{rate:,.0f}" if rate else r.get("skipped", "—"))
+        rows[-1].append(f"{peak / 2**30:.1f}" if peak else "—")
+    head = ["P", "chunk", "layout", "sample-steps/s", "peak memory (GiB)"]
+    return md_table(head, rows) if rows else ""
+
+
+PATHS = {
+    "quantize_every_step_f32": "weights quantized at every step (f32 convs)",
+    "frozen_f32": "weights frozen once per genome (f32 convs) — the default",
+    "frozen_bf16": "weights frozen once per genome, bf16 integer convs",
+}
 
 
 def _perf_paths(d: dict) -> str:
-    paths = d.get("paths_sample_steps_per_s") or {}
-    if not paths:
+    if not (paths := d.get("paths_sample_steps_per_s") or {}):
         return ""
-    names = {
-        "quantize_every_step_f32": "weights quantized at every step (f32 convs)",
-        "frozen_f32": "weights frozen once per genome (f32 convs) — the default",
-        "frozen_bf16": "weights frozen once per genome, bf16 integer convs",
-    }
-    out = [
-        "| one candidate at a time, P = 8 | sample-steps/s |",
-        "| --- | --- |",
-        f"| plain full-precision forward, same images | "
-        f"{d['fp_sample_steps_per_s']:,.0f} |",
-    ]
-    out += [f"| {names.get(k, k)} | {v:,.0f} |" for k, v in paths.items()]
-    return "\n".join(out)
+    fp = f"{d['fp_sample_steps_per_s']:,.0f}"
+    rows = [["plain full-precision forward, same images", fp]]
+    rows += [[PATHS.get(k, k), f"{v:,.0f}"] for k, v in paths.items()]
+    return md_table(["one candidate at a time, P = 8", "sample-steps/s"], rows)
 
 
 def _perf_sample_chunks(d: dict) -> str:
-    rows = d.get("sample_chunks") or []
-    if not isinstance(rows, list) or not rows:
+    if not isinstance(rows := d.get("sample_chunks") or [], list) or not rows:
         return ""
-    out = [
-        "| images drawn together per candidate (`sample_chunk`) | quantized "
-        "sample-steps/s | full precision | ratio |",
-        "| --- | --- | --- | --- |",
-    ]
+    cells = []
     for r in rows:
         q, f = r["quant_sample_steps_per_s"], r["fp_sample_steps_per_s"]
-        c = r["sample_chunk"] or "all (0)"
-        out.append(f"| {c} | {q:,.0f} | {f:,.0f} | {q / f:.2f} |")
-    return "\n".join(out)
+        cells.append([r["sample_chunk"] or "all (0)", f"{q:,.0f}", f"{f:,.0f}"])
+        cells[-1].append(f"{q / f:.2f}")
+    head = "images drawn together per candidate (`sample_chunk`) | quantized sample-steps/s | full precision | ratio"
+    return md_table(head, cells)
+
+
+MODES = {"fp32_ddim100": "full precision, DDIM 100 steps",
+         "fp32_ddim10_quad": "full precision, DDIM 10 quad steps",
+         "searched_fake_quant": "searched genome, fake-quant",
+         "searched_int8_serve_f32": "searched genome, served int8 (f32 convs)",
+         "searched_int8_serve_bf16": "searched genome, served int8 (bf16 convs)",
+         "searched_int8_serve_f32_closed_over":
+             "searched genome, served int8, weights closed over as constants",
+}  # fmt: skip
 
 
 def _perf_sampling(d: dict) -> str:
-    sampling = d.get("sampling") or []
-    if not isinstance(sampling, list) or not sampling:
+    if not isinstance(rows := d.get("sampling") or [], list) or not rows:
         return ""
-    names = {
-        "fp32_ddim100": "full precision, DDIM 100 steps",
-        "fp32_ddim10_quad": "full precision, DDIM 10 quad steps",
-        "searched_fake_quant": "searched genome, fake-quant",
-        "searched_int8_serve_f32": "searched genome, served int8 (f32 convs)",
-        "searched_int8_serve_bf16": "searched genome, served int8 (bf16 convs)",
-        "searched_int8_serve_f32_closed_over": "searched genome, served int8, "
-        "weights closed over as constants",
-    }
-    out = [
-        f"| sampling (batch {sampling[0]['batch']}) | steps | images/s "
-        "| latency, one image |",
-        "| --- | --- | --- | --- |",
-    ]
-    for r in sampling:
-        lat = r.get("latency_s")
-        out.append(
-            f"| {names.get(r['mode'], r['mode'])} | {r['steps']} | "
-            f"{r['images_per_s']:,.0f} | "
-            f"{'—' if lat is None else f'{1e3 * lat:.1f} ms'} |"
-        )
-    return "\n".join(out)
+    cells = []
+    for r in rows:
+        lat = "—" if r.get("latency_s") is None else f"{1e3 * r['latency_s']:.1f} ms"
+        name = MODES.get(r["mode"], r["mode"])
+        cells.append([name, r["steps"], f"{r['images_per_s']:,.0f}", lat])
+    head = [f"sampling (batch {rows[0]['batch']})", "steps", "images/s"]
+    return md_table(head + ["latency, one image"], cells)
 
 
 KERNEL_PROGRAMS = {
@@ -164,63 +130,48 @@ def bandwidth_bound(d: dict, ceiling: float | None) -> str | None:
     and the FLOP fraction that caps."""
     progs = d["programs"]
     q = progs.get("quant_f32", {})
-    floors = [
-        r["floor_bytes_per_s"]
-        for k, r in progs.items()
-        if k.endswith("_floor") and "floor_bytes_per_s" in r  # not a failed run
-    ]
+    floors = [r["floor_bytes_per_s"] for k, r in progs.items()  # not failed ones:
+              if k.endswith("_floor") and "floor_bytes_per_s" in r]  # fmt: skip
     if "bytes_by_kind" not in q or not floors or not ceiling:
         return None
     total = sum(q["bytes_by_kind"].values())
     t = total / max(floors)
     frac = q["flops"] / t / ceiling
-    return (
-        f"The default's kernels move {total / 1e9:.0f} GB a candidate (nominal); at "
-        f"the {max(floors) / 1e12:.2f} TB/s one elementwise pass reached here, that "
-        f"alone takes {1e3 * t:.0f} ms (measured: {1e3 * q['wall_s']:.0f} ms), so under "
-        f"this accounting these kernels cannot pass about {100 * frac:.0f}% of the "
-        f"{ceiling / 1e12:.0f} TFLOP/s bf16 ceiling (perf.json)."
-    ) + _matmul_bound(q, ceiling)
+    return (f"The default's kernels move {total / 1e9:.0f} GB a candidate (nominal); "
+            f"at the {max(floors) / 1e12:.2f} TB/s one elementwise pass reached here, "
+            f"that alone takes {1e3 * t:.0f} ms (measured: {1e3 * q['wall_s']:.0f} "
+            "ms), so under this accounting these kernels cannot pass about "
+            f"{100 * frac:.0f}% of the {ceiling / 1e12:.0f} TFLOP/s bf16 ceiling "
+            "(perf.json)." + _matmul_bound(q, ceiling))  # fmt: skip
 
 
 def _matmul_bound(q: dict, ceiling: float) -> str:
     """The FLOP fraction if every kernel but the convolutions and gemms took no time:
     what the matmul kernels XLA and cuDNN pick allow at best."""
     us = q.get("us_by_kind", {})
-    mm = us.get("convolution", 0.0) + us.get("gemm", 0.0)
-    if not mm:
+    if not (mm := us.get("convolution", 0.0) + us.get("gemm", 0.0)):
         return ""
-    return (
-        f" Its convolution and gemm kernels alone take {mm / 1e3:.1f} ms: were every "
-        "other kernel free, the program could not pass "
-        f"{100 * q['flops'] / (mm * 1e-6) / ceiling:.1f}% of that ceiling."
-    )
+    frac = q["flops"] / (mm * 1e-6) / ceiling
+    return (f" Its convolution and gemm kernels alone take {mm / 1e3:.1f} ms: were "
+            "every other kernel free, the program could not pass "
+            f"{100 * frac:.1f}% of that ceiling.")  # fmt: skip
 
 
-def _kernel_rows(d: dict) -> list[str]:
+def _kernel_rows(d: dict) -> str:
     """The table: each program's wall time, FID and kernel time by kind."""
-    kinds = ("convolution", "reduction", "concatenate", "elementwise", "gemm")
+    kinds = ["convolution", "reduction", "concatenate", "elementwise", "gemm"]
     steps = f" x {d['steps']} steps" if d.get("steps") else ""
-    out = [
-        f"| one candidate, {d['samples']} samples{steps} | ms | FID | "
-        + " | ".join(kinds)
-        + " | other |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in kinds) + " | --- |",
-    ]
+    head = [f"one candidate, {d['samples']} samples{steps}", "ms", "FID", *kinds]
+    rows = []
     for key, name in KERNEL_PROGRAMS.items():
-        r = d["programs"].get(key)
-        if not r or "error" in r:
+        if not (r := d["programs"].get(key)) or "error" in r:
             continue
         frac = r["fraction_by_kind"]
-        other = frac["other"] + frac["layout"]
-        cells = [f"{100 * frac[k]:.0f}%" if k in frac else "—" for k in kinds]
         fid = f"{r['value']:.4f}" if "value" in r else "—"
-        out.append(
-            f"| {name} | {1e3 * r['wall_s']:.0f} | {fid} | "
-            + " | ".join(cells)
-            + f" | {100 * other:.0f}% |"
-        )
-    return out
+        rows.append([name, f"{1e3 * r['wall_s']:.0f}", fid])
+        rows[-1] += [f"{100 * frac[k]:.0f}%" if k in frac else "—" for k in kinds]
+        rows[-1].append(f"{100 * (frac['other'] + frac['layout']):.0f}%")
+    return md_table(head + ["other"], rows)
 
 
 def _bandwidth_line(progs: dict) -> str | None:
@@ -228,38 +179,27 @@ def _bandwidth_line(progs: dict) -> str | None:
     if not (bw := q.get("bytes_per_s_by_kind")):
         return None
     big = [k for k in bw if q["fraction_by_kind"][k] > 0.05]  # not SVD, copies
-    return (
-        "Bandwidth of the default's kernels by kind (nominal bytes: each "
-        "operand and result once, over kernel time), GB/s: "
-        + ", ".join(f"{k} {bw[k] / 1e9:,.0f}" for k in big)
-        + "."
-    )
+    return ("Bandwidth of the default's kernels by kind (nominal bytes: each operand "
+            "and result once, over kernel time), GB/s: "
+            + ", ".join(f"{k} {bw[k] / 1e9:,.0f}" for k in big) + ".")  # fmt: skip
 
 
 def _conv_line(progs: dict) -> str | None:
     rate = lambda key: progs.get(key, {}).get("conv_kernel_flops_per_s")
     convs = []
     for key in progs:
-        m = re.fullmatch(r"conv_(\d+)_f32", key)
-        if not m or not rate(key):
+        if not (m := re.fullmatch(r"conv_(\d+)_f32", key)) or not rate(key):
             continue
         res = m.group(1)
-        other = [
-            f"{dt} {rate(f'conv_{res}_{dt}') / 1e12:.0f}"
-            for dt in ("bf16", "int8")
-            if rate(f"conv_{res}_{dt}")
-        ]
-        convs.append(
-            f"{res}x{res}: {rate(key) / 1e12:.0f}"
-            + (f" ({', '.join(other)})" if other else "")
-        )
+        dts = [dt for dt in ("bf16", "int8") if rate(f"conv_{res}_{dt}")]
+        other = ", ".join(f"{dt} {rate(f'conv_{res}_{dt}') / 1e12:.0f}" for dt in dts)
+        other = f" ({other})" if dts else ""
+        convs.append(f"{res}x{res}: {rate(key) / 1e12:.0f}{other}")
     if not convs:
         return None
-    return (
-        "One 3x3 convolution of the UNet alone (each resolution's channel count "
-        "in and out), its kernel's TFLOP/s, f32 (other operand types, f32 out): "
-        f"{'; '.join(convs)}."
-    )
+    return ("One 3x3 convolution of the UNet alone (each resolution's channel count "
+            "in and out), its kernel's TFLOP/s, f32 (other operand types, f32 out): "
+            f"{'; '.join(convs)}.")  # fmt: skip
 
 
 def _resolutions(progs: dict, prefix: str) -> list[int]:
@@ -270,20 +210,16 @@ def _resolutions(progs: dict, prefix: str) -> list[int]:
 def _norm_line(progs: dict) -> str | None:
     norms = []
     for res in _resolutions(progs, "gn_"):
-        row = [
-            progs.get(f"gn_{res}_{v}", {}).get("busy_us")
-            for v in ("flax", "parts", "floor")
-        ]
+        us = lambda v, res=res: progs.get(f"gn_{res}_{v}", {}).get("busy_us")
+        row = [us(v) for v in ("flax", "parts", "floor")]
         if all(row):
             norms.append(f"{res}x{res}: " + " / ".join(f"{v:.0f}" for v in row))
     if not norms:
         return None
-    return (
-        "GroupNorm + SiLU of one skip concatenation (two parts of the level's "
-        "width) alone, kernel µs, flax's on the concatenation / ours on the parts "
-        "/ one elementwise pass (the floor of a fused kernel): "
-        f"{'; '.join(norms)}."
-    )
+    return ("GroupNorm + SiLU of one skip concatenation (two parts of the level's "
+            "width) alone, kernel µs, flax's on the concatenation / ours on the parts "
+            "/ one elementwise pass (the floor of a fused kernel): "
+            f"{'; '.join(norms)}.")  # fmt: skip
 
 
 def fused_norm_quant_text(d: dict) -> str | None:
@@ -293,13 +229,9 @@ def fused_norm_quant_text(d: dict) -> str | None:
     progs, rows = d["programs"], []
     for res in _resolutions(progs, "gnq_"):
         us = lambda v, res=res: progs.get(f"gnq_{res}_{v}", {}).get("busy_us")
-        tried = {
-            k.removeprefix(f"gnq_{res}_"): v["busy_us"]
-            for k, v in progs.items()
-            if k.startswith(f"gnq_{res}_")
-            and not k.endswith(("_xla", "_floor"))
-            and "busy_us" in v
-        }
+        tried = {k.removeprefix(f"gnq_{res}_"): v["busy_us"] for k, v in progs.items()
+                 if k.startswith(f"gnq_{res}_") and not k.endswith(("_xla", "_floor"))
+                 and "busy_us" in v}  # fmt: skip
         if not (us("xla") and us("pallas") and us("floor")):
             continue
         best = min(tried, key=tried.get)
@@ -311,42 +243,33 @@ def fused_norm_quant_text(d: dict) -> str | None:
         )
     if not rows:
         return None
-    return (
-        "GroupNorm + SiLU + the conv's int8 activation quantizer on the two parts "
-        "alone, kernel µs, XLA's two passes / a fused Pallas-Triton kernel, one "
-        "program per sample (`benchmarks/experiments/fused_norm_quant.py`; settings: pallas_"
-        "b<tile elements>_w<warps>_s<stages>, or blocks_g<groups>_b.._w..: one "
-        "program per sample and block of groups) / one elementwise pass, float32 "
-        f"in, int8 out (the floor): {'; '.join(rows)}.\n\n*{d['device']}, jax "
-        f"{d['jax_version']}, {d['date'][:10]}; `{d['command']}` → "
-        "`benchmarks/results/kernel_breakdown_gnq.json`*"
-    )
+    return ("GroupNorm + SiLU + the conv's int8 activation quantizer on the two parts "
+            "alone, kernel µs, XLA's two passes / a fused Pallas-Triton kernel, one "
+            "program per sample (`benchmarks/experiments/fused_norm_quant.py`; "
+            "settings: pallas_b<tile elements>_w<warps>_s<stages>, or "
+            "blocks_g<groups>_b.._w..: one program per sample and block of groups) / "
+            "one elementwise pass, float32 in, int8 out (the floor): "
+            f"{'; '.join(rows)}.\n\n"
+            + _footer(d, f"`{d['command']}`", "kernel_breakdown_gnq.json"))  # fmt: skip
 
 
 def kernel_table(d: dict, ceiling: float | None = None) -> str:
-    """GPU kernel time by kind per program, then what the single-op programs and
-    the byte counts say."""
+    """GPU kernel time by kind per program, then what single ops and bytes say."""
     progs = d["programs"]
     lines = [_bandwidth_line(progs), _conv_line(progs), _norm_line(progs)]
     lines.append(bandwidth_bound(d, ceiling))
-    out = _kernel_rows(d) + ["\n" + line for line in lines if line]
-    out.append(
-        f"\n*{d['device']}, jax {d['jax_version']}, {d['date'][:10]}; "
-        f"`{d['command']}` → `benchmarks/results/kernel_breakdown.json`*"
-    )
-    return "\n".join(out)
+    foot = _footer(d, f"`{d['command']}`", "kernel_breakdown.json")
+    return "\n\n".join([_kernel_rows(d), *(line for line in lines if line), foot])
 
 
 def render_perf() -> str:
-    if d := _load("perf.json"):
-        text = perf_table(d)
-        if k := _load("kernel_breakdown.json"):
-            text += "\n\nWhere the GPU's time goes (`python -m benchmarks.experiments.kernel_breakdown`: "
-            text += "kernel time by kind, from a profiler trace):\n\n"
-            text += kernel_table(k, d.get("bf16_ceiling_flops_per_s"))
-        if (g := _load("kernel_breakdown_gnq.json")) and (
-            line := fused_norm_quant_text(g)
-        ):
-            text += "\n\n" + line
-        return text
-    return "Not yet measured: `python -m benchmarks.perf` writes `benchmarks/results/perf.json`."
+    if not (d := _load("perf.json")):
+        return "Not yet measured: `python -m benchmarks.perf` writes `benchmarks/results/perf.json`."
+    text = perf_table(d)
+    if k := _load("kernel_breakdown.json"):
+        text += "\n\nWhere the GPU's time goes (`python -m benchmarks.experiments.kernel_breakdown`: "
+        text += "kernel time by kind, from a profiler trace):\n\n"
+        text += kernel_table(k, d.get("bf16_ceiling_flops_per_s"))
+    if (g := _load("kernel_breakdown_gnq.json")) and (line := fused_norm_quant_text(g)):
+        text += "\n\n" + line
+    return text
