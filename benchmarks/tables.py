@@ -282,6 +282,30 @@ def summary_table(d: dict) -> str:
     )
 
 
+def render_dit() -> str:
+    """The DiT's full-precision FID against steps and guidance (two spaces)."""
+    if not (d := _load("dit_fp.json")):
+        return "Not yet measured: `python -m benchmarks.dit_fp`."
+    scales = sorted({r["guidance"] for r in d["rows"]})
+    out = []
+    for key, space in (("fid", "classifier features"), ("fid_pixels", "pooled pixels")):
+        rows = [
+            [f"{n} {d['rows'][0]['solver'].capitalize()} steps"]
+            + [f"{r[key]:.2f}" for g in scales for r in d["rows"]
+               if r["steps"] == n and r["guidance"] == g]
+            for n in sorted({r["steps"] for r in d["rows"]})
+        ]  # fmt: skip
+        head = [f"FID ({space})", *(f"guidance {g:g}" for g in scales)]
+        out.append(md_table(head, rows))
+    t = d["training"]
+    note = (
+        f"*{d['params']:,} parameters, {d['gflop_per_image']:.2f} GFLOP per forward "
+        f"(guidance > 1 runs two), {t['steps']:,} training steps; "
+        f"{d['num_samples']} class-balanced samples per cell against the test split; "
+    )
+    return "\n\n".join(out) + "\n\n" + note + _src(d, "dit_fp.json", "")[1:]
+
+
 def render_summary() -> str:
     d = _load("search_table.json")
     return summary_table(d) if d else "Not yet measured: `benchmarks.search_table`."
@@ -292,6 +316,7 @@ def blocks() -> list[tuple]:
     results, perf = ROOT / "docs" / "results.md", ROOT / "docs" / "performance.md"
     spec = [(README, "summary", render_summary), (results, "tables", render),
             (results, "quant_uniform", render_quant_uniform),
+            (results, "dit", render_dit),
             (perf, "perf", render_perf)]  # fmt: skip
     return [(p, f"<!-- {t}:begin -->", f"<!-- {t}:end -->", fn) for p, t, fn in spec]
 
