@@ -186,7 +186,7 @@ class ScoringConfig:
     # teacher's spread, in pixels plus `teacher_feature_weight` times the same in
     # the fitness net's features (0: pixels only, no feature net read).
     teacher_steps: int = 100
-    teacher_schedule: str = "quad"
+    teacher_schedule: str = "uniform"  # quad repeats steps at 100 of 1000
     teacher_feature_weight: float = 1.0
 
     def __post_init__(self):
