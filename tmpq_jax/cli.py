@@ -451,10 +451,13 @@ def cmd_search(args, overrides) -> int:
     run = SearchRunConfig.from_configdict(load_config(spec, overrides))
     if is_main_process():
         s = run.search
+        on = f"on {s.num_samples} samples"
+        if s.race_samples:  # racing (search/racing.py)
+            on = f"on {s.race_samples} samples, the best of a generation {on},"
         print(
             f"{spec}: {s.evaluations} genomes over {s.generations} generations, each "
-            f"scored on {s.num_samples} samples x {s.num_steps} steps "
-            f"({s.evaluations * s.num_samples * s.num_steps:,} model forwards).\n"
+            f"scored {on} x {s.num_steps} steps "
+            f"({s.samples_scored * s.num_steps:,} model forwards).\n"
             "The bar moves once a generation (minutes each on a CPU; the first also "
             "compiles); interrupt any time and rerun to resume."
         )

@@ -188,15 +188,33 @@ class ScoringConfig:
     teacher_steps: int = 100
     teacher_schedule: str = "uniform"  # quad repeats steps at 100 of 1000
     teacher_feature_weight: float = 1.0
+    # Racing (search/racing.py): every candidate is scored on the first
+    # `race_samples` rows of the noise batch, the best `race_keep` of them (at
+    # least the elite count) on all `num_samples`; the rest rank below every one
+    # of those. 0: off (every candidate on all samples).
+    race_samples: int = 0
+    race_keep: float = 0.25
 
     def __post_init__(self):
         _one_of("fitness", self.fitness, FITNESSES)
         _one_of("teacher_schedule", self.teacher_schedule, TEACHER_SCHEDULES)
         _at_least(self, ("num_samples", "teacher_steps"), 1)
+        _at_least(self, ("race_samples",), 0)
         if self.teacher_feature_weight < 0:
             raise UserError(
                 f"search.teacher_feature_weight={self.teacher_feature_weight}: use "
                 ">= 0."
+            )
+        if not 0.0 < self.race_keep < 1.0:
+            what = "keeps no candidate" if self.race_keep <= 0 else "drops none"
+            raise UserError(
+                f"search.race_keep={self.race_keep}: a halving schedule that {what}; "
+                "use a fraction in (0, 1), e.g. 0.25 (race_samples=0 turns racing off)."
+            )
+        if self.race_samples >= self.num_samples:
+            raise UserError(
+                f"search.race_samples={self.race_samples}: the race's prefix must be "
+                f"fewer than num_samples={self.num_samples}; use fewer, or 0 (off)."
             )
 
 
@@ -315,6 +333,11 @@ class SearchConfig:
                 f"candidates' {self.num_steps} steps: the teacher must take at least "
                 "as many; raise teacher_steps."
             )
+        if self.race_samples and self.objective == "front":
+            raise UserError(
+                f"search.race_samples={self.race_samples} with objective='front': a "
+                "race ranks one fitness, a front two objectives; use race_samples=0."
+            )
         if self.select == "teacher" and self.teacher_steps < self.num_steps:
             raise UserError(
                 f"search.select='teacher' with teacher_steps={self.teacher_steps} "
@@ -335,6 +358,14 @@ class SearchConfig:
     @property
     def evaluations(self) -> int:
         return self.population + (self.generations - 1) * self.offspring
+
+    @property
+    def samples_scored(self) -> int:
+        """Samples the generations score in all (fewer with racing)."""
+        from tmpq_jax.search.racing import generation_samples  # it reads this module
+
+        first = generation_samples(self, self.population, forced=1)  # + the seed
+        return first + (self.generations - 1) * generation_samples(self, self.offspring)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SearchConfig:

@@ -7,7 +7,9 @@ and a resume restores exactly what an uninterrupted run would hold. Keys come fr
 same genomes. The seed is traced, not baked in, so every seed runs the same
 compiled programs (and hits the persistent compilation cache). Generation 0 (the
 seeded first population) is its own program; every later generation runs the same
-compiled `next_generation`.
+compiled `next_generation`. With racing (`search.race_samples`, `racing.py`) a
+generation scores every candidate on a prefix of the noise batch and the best of
+them on all of it, inside the same program.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from tmpq_jax.search import budget as budget_lib
-from tmpq_jax.search import sharding
+from tmpq_jax.search import racing, sharding
 from tmpq_jax.search.config import SearchConfig
 from tmpq_jax.search.fitness import Assets, Problem
 from tmpq_jax.search.strategies import Strategy
@@ -36,6 +38,9 @@ class Archive:
     fitness: jax.Array  # float32[G, P] (fid + budget penalty)
     bitops: jax.Array  # float32[G, P] total over the schedule
     count: jax.Array  # int32[G]: valid entries of each row
+    # int32[G, P]: the samples each was scored on (num_samples; a candidate raced
+    # out: race_samples, its `fid` a prefix score; search/racing.py)
+    samples: jax.Array
 
     @classmethod
     def empty(cls, generations: int, population: int, num_genes: int) -> Archive:
@@ -46,9 +51,10 @@ class Archive:
             fitness=jnp.full((g, p), jnp.inf, jnp.float32),
             bitops=jnp.zeros((g, p), jnp.float32),
             count=jnp.zeros((g,), jnp.int32),
+            samples=jnp.zeros((g, p), jnp.int32),
         )
 
-    def put(self, row, genomes, fid, fitness, bitops) -> Archive:
+    def put(self, row, genomes, fid, fitness, bitops, samples) -> Archive:
         """Row `row` (may be traced) := these; fewer than P entries leave padding."""
         return Archive(
             genomes=_put_prefix(self.genomes, row, genomes),
@@ -56,6 +62,7 @@ class Archive:
             fitness=_put_prefix(self.fitness, row, fitness),
             bitops=_put_prefix(self.bitops, row, bitops),
             count=self.count.at[row].set(genomes.shape[0]),
+            samples=_put_prefix(self.samples, row, samples),
         )
 
 
@@ -104,22 +111,34 @@ class Engine:
         base = jax.random.fold_in(jax.random.key(seed), generation)
         return jax.random.fold_in(base, stream)
 
-    def evaluate(self, assets: Assets, genomes: jax.Array):
-        """(genomes as scored, fid, fitness, total BitOPs)."""
-        space, reg = self.problem.space, self.problem.registry
-        if self.cfg.constraint == "repair":
+    def _score(self, assets: Assets, genomes: jax.Array) -> jax.Array:
+        if self.mesh is None:
+            return self.problem.population_fid(assets, genomes)
+        return sharding.population_fid(self.problem, self.mesh, assets, genomes)
+
+    def evaluate(self, assets: Assets, genomes: jax.Array, forced=()):
+        """(genomes as scored, fid, fitness, total BitOPs, samples scored on each).
+        With racing (`race_samples` > 0) the rows `forced` are fully scored too."""
+        space, reg, cfg = self.problem.space, self.problem.registry, self.cfg
+        if cfg.constraint == "repair":
             genomes = jax.vmap(lambda g: budget_lib.repair(space, reg, g, self.budget))(
                 genomes
             )
         bitops = jax.vmap(lambda g: budget_lib.genome_cost(space, reg, g)[0])(genomes)
-        if self.mesh is None:
-            fid = self.problem.population_fid(assets, genomes)
-        else:
-            fid = sharding.population_fid(self.problem, self.mesh, assets, genomes)
-        fitness = budget_lib.penalized(
-            fid, bitops, self.budget, self.cfg.penalty_weight
+        penalize = lambda f, b: budget_lib.penalized(  # noqa: E731
+            f, b, self.budget, cfg.penalty_weight
         )
-        return genomes, fid, fitness, bitops
+        n = genomes.shape[0]
+        keep = racing.num_kept(n, cfg.race_keep, cfg.num_elites)
+        if racing.generation_samples(cfg, n, len(forced)) < n * cfg.num_samples:
+            fid, fitness, samples = racing.race(
+                self._score, penalize, assets, genomes, bitops,
+                cfg.race_samples, keep, cfg.num_samples, forced,
+            )  # fmt: skip
+            return genomes, fid, fitness, bitops, samples
+        fid = self._score(assets, genomes)
+        samples = jnp.full((n,), cfg.num_samples, jnp.int32)
+        return genomes, fid, penalize(fid, bitops), bitops, samples
 
     def _told(self, fitness: jax.Array, bitops: jax.Array) -> jax.Array:
         """What the strategy learns from: the fitness, or (fitness, total BitOPs)
@@ -132,7 +151,8 @@ class Engine:
         """`seed`: int32 scalar (traced: one program serves every seed)."""
         seed = jnp.asarray(seed, jnp.int32)
         raw, genomes = self.strategy.first(self._key(seed, 0, 0))
-        genomes, fid, fitness, bitops = self.evaluate(assets, genomes)
+        # Row 0 is the seed genome: a race always scores it in full.
+        genomes, fid, fitness, bitops, samples = self.evaluate(assets, genomes, (0,))
         if self.strategy.learns_repair:
             raw = genomes
         told = self._told(fitness, bitops)
@@ -140,18 +160,18 @@ class Engine:
         archive = Archive.empty(
             self.cfg.generations, self.cfg.population, genomes.shape[1]
         )
-        archive = archive.put(0, genomes, fid, fitness, bitops)
+        archive = archive.put(0, genomes, fid, fitness, bitops, samples)
         return _strong(SearchState(seed, jnp.int32(1), state, archive))
 
     def next_generation(self, assets: Assets, s: SearchState) -> SearchState:
         gen = s.generation
         raw, genomes, state = self.strategy.ask(self._key(s.seed, gen, 0), s.strategy)
-        genomes, fid, fitness, bitops = self.evaluate(assets, genomes)
+        genomes, fid, fitness, bitops, samples = self.evaluate(assets, genomes)
         if self.strategy.learns_repair:
             raw = genomes
         told = self._told(fitness, bitops)
         state = self.strategy.tell(self._key(s.seed, gen, 1), raw, told, state)
-        archive = s.archive.put(gen, genomes, fid, fitness, bitops)
+        archive = s.archive.put(gen, genomes, fid, fitness, bitops, samples)
         return _strong(SearchState(s.seed, gen + 1, state, archive))
 
     @functools.cached_property

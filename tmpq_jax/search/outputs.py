@@ -1,8 +1,11 @@
 """What a finished search leaves in its workdir.
 
 * `archive.npz`: every evaluated genome with its FID, fitness, BitOPs, weight bits,
-  generation and decoded timesteps; `pareto.json`: the non-dominated (BitOPs, FID)
-  genomes among them.
+  generation, decoded timesteps and the samples it was scored on (a race's dropped
+  ones: the prefix; search/racing.py); `pareto.json`: the non-dominated (BitOPs,
+  FID) genomes among the fully scored ones.
+* `result.json` also counts the work: `samples_scored`, `sample_forwards` (the
+  same count with racing on or off) and `raced_out`.
 * `topk.json`: the best `rescore_top_k` distinct feasible genomes re-scored on
   `rescore_samples` fresh samples (TMPQ-DM re-scores its top 10);
   `result.json`: the best of them by the re-scored FID, as a `tmpq-genome/1` file
@@ -32,7 +35,7 @@ from tmpq_jax.provenance import provenance
 from tmpq_jax.quant import cost
 from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.sampling import to_uint8
-from tmpq_jax.search import plots, sharding
+from tmpq_jax.search import plots, racing, sharding
 from tmpq_jax.search.engine import SearchState
 from tmpq_jax.search.run import RESULT_FILE
 from tmpq_jax.search.sampler import labels_for
@@ -56,6 +59,7 @@ def archive_table(setup: Setup, state: SearchState) -> dict[str, np.ndarray]:
         "fid": np.asarray(a.fid)[gi],
         "fitness": np.asarray(a.fitness)[gi],
         "bitops": np.asarray(a.bitops)[gi],
+        "samples": np.asarray(a.samples)[gi],
         "size_bits": np.asarray(cost.model_size_bits(d.bits, setup.registry)),
         "timesteps": np.asarray(d.timesteps),
         "num_steps": np.asarray(d.num_steps),
@@ -64,8 +68,16 @@ def archive_table(setup: Setup, state: SearchState) -> dict[str, np.ndarray]:
     }
 
 
+def fully_scored(t: dict) -> np.ndarray:
+    """Entries scored on all the samples (not dropped by a race: search/racing.py;
+    every generation scores some in full)."""
+    return t["samples"] == t["samples"].max()
+
+
 def feasible_mask(t: dict, budget: float) -> np.ndarray:
-    return np.asarray(cost.within_budget(t["bitops"], budget)) & (t["fid"] < 1e4)
+    """Within the budget, finite, and fully scored: what results are made of."""
+    ok = np.asarray(cost.within_budget(t["bitops"], budget)) & (t["fid"] < 1e4)
+    return ok & fully_scored(t)
 
 
 def pareto_front(bitops: np.ndarray, fid: np.ndarray) -> np.ndarray:
@@ -260,6 +272,11 @@ def write_outputs(
         space=cfg.space,
         budget_bitops=setup.budget,
         evaluations=int(len(t["fid"])),
+        # The work, counted alike with racing on or off (search/racing.py).
+        raced_out=int((~fully_scored(t)).sum()),
+        samples_scored=int(t["samples"].sum()),
+        sample_forwards=int(t["samples"].sum())
+        * racing.forwards_per_sample(setup.engine.problem),
         seed_genome={
             "fid_search": float(t["fid"][seed]),
             "total_bitops": float(t["bitops"][seed]),

@@ -31,10 +31,11 @@ def fid_vs_bitops(t, mask, front, budget, path: Path) -> None:
     sc = ax.scatter(
         t["bitops"][mask], t["fid"][mask], c=g[mask], s=12, cmap="viridis", alpha=0.8
     )
-    if (~mask).any():
+    over = ~mask & (t["samples"] == t["samples"].max())  # not a race's prefix scores
+    if over.any():
         ax.scatter(
-            t["bitops"][~mask],
-            np.minimum(t["fid"][~mask], t["fid"][mask].max()),
+            t["bitops"][over],
+            np.minimum(t["fid"][over], t["fid"][mask].max()),
             marker="x",
             s=10,
             c="0.6",

@@ -25,6 +25,7 @@ from tmpq_jax.distributed import is_main_process
 from tmpq_jax.errors import UserError
 from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.sampling import LoadedModel
+from tmpq_jax.search import racing
 from tmpq_jax.search.config import SearchConfig, SearchRunConfig
 from tmpq_jax.search.engine import SearchState
 from tmpq_jax.search.setup import Setup, prepare, prepare_model
@@ -59,13 +60,21 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _generation_log(state: SearchState, gen: int, wall: float, evals: int) -> dict:
+def _generation_log(
+    state: SearchState, gen: int, wall: float, evals: int, setup: Setup
+) -> dict:
+    """A row of the log. The FIDs are of the fully scored candidates (a race's
+    dropped ones have prefix scores only); the work is in sample-forwards
+    (samples scored x the forwards of each, `racing.forwards_per_sample`)."""
     a = jax.device_get(state.archive)  # replicated: every process reads its copy
     n = int(a.count[gen])
+    samples = np.asarray(a.samples[gen, :n])
+    full = samples == setup.run.search.num_samples
     fid = np.asarray(a.fid[gen, :n])
     fit = np.asarray(a.fitness[gen, :n])
-    feasible = fit <= fid * (1 + 1e-6)  # no penalty added
+    feasible = full & (fit <= fid * (1 + 1e-6))  # no penalty added
     best_all = np.asarray(a.fitness[: gen + 1]).min()
+    per_sample = racing.forwards_per_sample(setup.engine.problem)
     return {
         "generation": gen,
         "evaluated": n,
@@ -74,8 +83,12 @@ def _generation_log(state: SearchState, gen: int, wall: float, evals: int) -> di
         "best_fid_in_generation": float(fid[feasible].min())
         if feasible.any()
         else None,
-        "mean_fid_in_generation": float(fid.mean()),
+        "mean_fid_in_generation": float(fid[full].mean()),
         "feasible": int(feasible.sum()),
+        "raced_out": int((~full).sum()),
+        "sample_forwards": int(samples.sum()) * per_sample,
+        "sample_forwards_total": int(np.asarray(a.samples[: gen + 1]).sum())
+        * per_sample,
         "wall_s": round(wall, 3),
     }
 
@@ -180,7 +193,7 @@ def run_generations(
             done = int(state.generation)
             evals += cfg.population if gen == 0 else cfg.offspring
             ckpts.save(done, state, {"signature": sig, "generation": done})
-            row = _generation_log(state, gen, time.perf_counter() - t0, evals)
+            row = _generation_log(state, gen, time.perf_counter() - t0, evals, setup)
             if log is not None:
                 log.append(row)
             bar.set_postfix(best=f"{row['best_fitness_so_far']:.3f}")

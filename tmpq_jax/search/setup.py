@@ -350,7 +350,8 @@ def build_setup(
     check_disjoint([net, *(n for n, _ in ensemble)], [n for n, _ in eval_nets])
     dims = [net.feature_dim, *(n.feature_dim for n, _ in ensemble)]
     if cfg.fitness != "teacher":
-        for name in ("num_samples", "rescore_samples"):
+        names = ("num_samples", "rescore_samples", "race_samples")
+        for name in names[: 2 + bool(cfg.race_samples)]:
             if getattr(cfg, name) <= max(dims):
                 raise UserError(
                     f"search.{name}={getattr(cfg, name)}: FID needs more samples than "

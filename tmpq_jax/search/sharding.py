@@ -9,6 +9,8 @@ of all the samples). A generation stays one compiled program: ask, repair, tell
 and the archive run replicated, the evaluation under `shard_map`, each device
 scoring its rows with the existing `lax.map` chunking. A population that does not
 divide POP is padded with copies of its last genome whose scores are dropped.
+A race (`racing.py`) runs both its stages this way: its prefix splits over
+SAMPLE too.
 The search state is replicated: a checkpoint is a plain pytree that restores onto
 any mesh, so a search resumes on another device count.
 
@@ -41,20 +43,28 @@ def _divisors(n: int) -> list[int]:
 
 
 def _sample_split_problem(
-    k: int, num_samples: int, sample_chunk: int, static_ranges: bool
+    k: int,
+    num_samples: int,
+    sample_chunk: int,
+    static_ranges: bool,
+    race_samples: int = 0,
 ) -> str | None:
-    """Why the noise batch cannot be split over `k` devices (None: it can)."""
+    """Why the noise batch (and a race's prefix of it) cannot be split over `k`
+    devices (None: it can)."""
     if k == 1:
         return None
     if not static_ranges:
         # Dynamic (absmax) activation ranges are taken over a candidate's whole
         # batch: a device holding part of it would quantize differently.
         return "splitting the samples needs calibrated (static) activation ranges"
-    if num_samples % k:
-        return f"num_samples={num_samples} does not split over {k} devices"
-    local = num_samples // k
-    if sample_chunk and sample_chunk < local and local % sample_chunk:
-        return f"sample_chunk={sample_chunk} does not divide the {local} samples a device draws"
+    for name, n in (("num_samples", num_samples), ("race_samples", race_samples)):
+        if not n:
+            continue
+        if n % k:
+            return f"{name}={n} does not split over {k} devices"
+        local = n // k
+        if sample_chunk and sample_chunk < local and local % sample_chunk:
+            return f"sample_chunk={sample_chunk} does not divide the {local} samples a device draws"
     return None
 
 
@@ -65,6 +75,7 @@ def choose_layout(
     sample_chunk: int = 0,
     pop_shards: int = 0,
     static_ranges: bool = True,
+    race_samples: int = 0,
 ) -> tuple[int, int]:
     """(POP, SAMPLE) sizes, their product `num_devices`. `population`: the smallest
     number of genomes a generation evaluates. Auto (`pop_shards=0`): the most POP
@@ -77,7 +88,11 @@ def choose_layout(
                 f"devices; use one of {_divisors(num_devices)} or 0 (auto)."
             )
         why = _sample_split_problem(
-            num_devices // pop_shards, num_samples, sample_chunk, static_ranges
+            num_devices // pop_shards,
+            num_samples,
+            sample_chunk,
+            static_ranges,
+            race_samples,
         )
         if why:
             raise UserError(f"search.pop_shards={pop_shards}: {why}; use 0 (auto).")
@@ -85,7 +100,7 @@ def choose_layout(
     for pop in reversed(_divisors(num_devices)):
         k = num_devices // pop
         if pop <= population and not _sample_split_problem(
-            k, num_samples, sample_chunk, static_ranges
+            k, num_samples, sample_chunk, static_ranges, race_samples
         ):
             return pop, k
     return num_devices, 1
@@ -110,6 +125,7 @@ def search_mesh(
         cfg.sample_chunk,
         cfg.pop_shards,
         static_ranges,
+        cfg.race_samples,
     )
     # Auto axes: the compiler places everything outside the shard_map (replicated).
     return jax.make_mesh(
