@@ -218,3 +218,22 @@ def test_cli_calibrates_exports_and_samples_a_dit_genome(dit, tmp_path, capsys):
         capsys, [*argv[:3], "--class", "7", "--num", "2", "--out", "x.png"],
         "outside the model's label set",
     )  # fmt: skip
+
+
+def test_flow_settings_are_refused_for_a_noise_prediction_model(tiny_cfg, tiny_params):
+    from tmpq_jax.diffusion.schedules import DiffusionConfig
+    from tmpq_jax.quant import unet_registry
+    from tmpq_jax.sampling import LoadedModel
+    from tmpq_jax.search.setup import search_space
+
+    eps = LoadedModel(tiny_cfg, DiffusionConfig(), tiny_params, {"model": "tiny"})
+    reg = unet_registry(tiny_cfg)
+    for kw, match in (
+        (dict(solver="heun"), "solver and the shift are for flow models"),
+        (dict(shift=3.0), "solver and the shift are for flow models"),
+        (dict(guidance=2.0), "not class-conditional"),
+    ):
+        with pytest.raises(UserError, match=match) as e:
+            search_space(SearchConfig(**kw), eps, reg)
+        assert "\n" not in str(e.value)
+    assert SearchConfig(guidance=2.0, solver="heun").forwards_per_step == 4

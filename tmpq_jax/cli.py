@@ -457,7 +457,8 @@ def cmd_search(args, overrides) -> int:
         print(
             f"{spec}: {s.evaluations} genomes over {s.generations} generations, each "
             f"scored {on} x {s.num_steps} steps "
-            f"({s.samples_scored * s.num_steps:,} model forwards).\n"
+            f"({s.samples_scored * s.num_steps * s.forwards_per_step:,} model "
+            "forwards).\n"
             "The bar moves once a generation (minutes each on a CPU; the first also "
             "compiles); interrupt any time and rerun to resume."
         )

@@ -367,6 +367,12 @@ class SearchConfig:
         first = generation_samples(self, self.population, forced=1)  # + the seed
         return first + (self.generations - 1) * generation_samples(self, self.offspring)
 
+    @property
+    def forwards_per_step(self) -> int:
+        """Model forwards per sample and step: guidance runs two, Heun twice that
+        (flow models; a noise-prediction model refuses both, `search/sampler.py`)."""
+        return (2 if self.guidance != 1.0 else 1) * (2 if self.solver == "heun" else 1)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
         """From flat settings, groups, or both (see the module doc)."""

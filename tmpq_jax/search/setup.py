@@ -254,6 +254,12 @@ def search_space(cfg: SearchConfig, lm, registry: LayerRegistry):
     steps, or a flow model's times grouped by the shifted grid) and how many
     forwards a step costs (classifier-free guidance: 2)."""
     flow = lm.prediction == "velocity"
+    if not flow and (cfg.solver, cfg.shift) != ("euler", 1.0):
+        raise UserError(
+            f"search.solver={cfg.solver!r}, shift={cfg.shift}: the solver and the "
+            "shift are for flow models; this model predicts noise and samples with "
+            "DDIM, so leave them at euler and 1."
+        )
     sampler = make_sampler(lm, cfg.solver if flow else "", cfg.guidance)
     space = GenomeSpace.build(
         cfg, registry, lm.diffusion.num_timesteps, cfg.shift if flow else None
