@@ -50,6 +50,7 @@ BUDGETS = {
     ],
 }
 ROW_PROVENANCE = ("device", "date", "command")
+PROTOCOL = ("population", "generations", "num_samples", "race_samples", "race_keep")
 METHODS = {
     "joint": [],
     "precision": ["search.space=precision"],
@@ -146,7 +147,9 @@ def run_row(method, budget, seed, root: Path, overrides, model="unet") -> dict:
         precision=scores.get("precision"),
         recall=scores.get("recall"),
     )
+    s = run.search  # the protocol: reduced ones (the DiT's on a GPU call) differ
     r.update(
+        protocol={k: getattr(s, k) for k in PROTOCOL},
         model=model,
         method=method,
         budget=budget,
