@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS, provenance, write_json
 from tmpq_jax.config import load_config
+from tmpq_jax.diffusion import uniform_timesteps
 from tmpq_jax.evaluation import FID_NAME, Evaluator
 from tmpq_jax.metrics import fid
 from tmpq_jax.quant import cost
@@ -50,6 +51,7 @@ BUDGETS = {
     ],
 }
 ROW_PROVENANCE = ("device", "date", "command")
+BASELINES = ("fp", "fp_uniform", "uniform")  # one genome each, seed 0 only
 PROTOCOL = ("population", "generations", "num_samples", "race_samples", "race_keep")
 METHODS = {
     "joint": [],
@@ -71,12 +73,15 @@ def _run_config(
     return SearchRunConfig.from_configdict(cd)
 
 
-def _fp_row(setup, ev: Evaluator) -> dict:
-    """Full precision on the seed's steps (quad, or a flow model's shifted grid),
-    with the search's sampler (guidance and labels included): on the search's
-    noise and on fresh noise."""
+def _fp_row(setup, ev: Evaluator, schedule: str = "seed") -> dict:
+    """Full precision on the seed's steps (quad, or a flow model's shifted grid)
+    or, `schedule="uniform"`, on DDIM's uniform steps (the best fixed 10-step
+    schedule in fp_baseline.json), with the search's sampler (guidance and labels
+    included): on the search's noise and on fresh noise."""
     lm, cfg, a = setup.lm, setup.run.search, setup.assets
     ts = setup.space.decode(setup.space.seed).timesteps
+    if schedule == "uniform":
+        ts = jax.numpy.asarray(uniform_timesteps(cfg.num_steps, lm.diffusion.num_timesteps))
     sampler = setup.engine.problem.sampler
     fn = jax.jit(
         lambda x, y: sampler(lm.model_fn(lm.params), x, ts, a.sched, y, a.guidance)
@@ -87,6 +92,7 @@ def _fp_row(setup, ev: Evaluator) -> dict:
     scores = ev.score(rescore_images(setup, fn))
     macs = float(np.sum(setup.registry.macs))  # per step: CFG's forwards counted
     return {
+        "ts": np.asarray(ts),
         "fid_2k": float(fid_2k),
         "fid_10k": scores["fid"],
         "rescored": scores,
@@ -102,6 +108,7 @@ def _uniform_row(setup, ev: Evaluator) -> dict:
     scores, _ = rescore(setup, ev, setup.space.seed, progress=False)
     d = setup.space.decode(seed)
     return {
+        "ts": np.asarray(d.timesteps),
         "fid_2k": fid_2k,
         "fid_10k": scores["fid"],
         "rescored": scores,
@@ -114,12 +121,15 @@ def run_row(method, budget, seed, root: Path, overrides, model="unet") -> dict:
     run = _run_config(budget, method, seed, overrides, model)
     t0 = time.perf_counter()
     budget_total = None
-    if method in ("fp", "uniform"):
+    if method in BASELINES:
         setup = prepare(run, root / budget / "baselines", progress=False)
         ev = setup.evaluator  # the fitness net's space and the evaluation spaces
-        r = _fp_row(setup, ev) if method == "fp" else _uniform_row(setup, ev)
+        if method == "uniform":
+            r = _uniform_row(setup, ev)
+        else:
+            r = _fp_row(setup, ev, "uniform" if method == "fp_uniform" else "seed")
         budget_total = setup.budget
-        r.update(timesteps=[int(t) for t in setup.space.seed[: setup.space.num_steps]])
+        r.update(timesteps=[int(t) for t in r.pop("ts")])
         r.update(evaluations=1)
     else:
         wd = root / budget / f"{method}_s{seed}"
@@ -219,7 +229,7 @@ def main() -> None:
     for method in args.methods.split(","):
         seeds = (
             [0]
-            if method in ("fp", "uniform")
+            if method in BASELINES
             else [int(s) for s in args.seeds.split(",")]
         )
         for seed in seeds:
