@@ -81,6 +81,17 @@ class GenomeSpace:
         if cfg.space == "precision":
             t_lo, t_hi = quad, quad + 1
         n_gene = [(cfg.min_steps, n + 1, n)] if cfg.timestep_mode == "variable" else []
+        if n_gene and cfg.space != "precision":
+            # The seed: the budget's own steps (quad, or the shifted grid), padded
+            # with repeats of its last: uniform seed bits at budget_steps meet a
+            # budget of the same bits, as at a fixed N.
+            k = min(max(cfg.budget_steps, cfg.min_steps), n)
+            if flow_shift is not None:
+                grid = flow_gene_groups(k, flow_shift, T)[1] - 1
+            else:
+                grid = quad_timesteps(k, T)
+            quad = np.concatenate([grid, np.full(n - k, grid[-1])]).astype(np.int32)
+            n_gene = [(cfg.min_steps, n + 1, k)]
         seed_bits = QuantBits.uniform(registry, cfg.seed_w_bits, cfg.seed_a_bits)
         w_seed = np.array([cands.index(int(b)) for b in np.asarray(seed_bits.w_bits)])
         a_seed = np.array([cands.index(int(b)) for b in np.asarray(seed_bits.a_bits)])
