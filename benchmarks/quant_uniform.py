@@ -1,7 +1,8 @@
 """The uniform-precision table: FID of uniform WxAy beside full precision.
 
   python -m benchmarks.quant_uniform [--bits w8a8,w7a7,w6a6,w5a5,w4a8] [--steps 10q,100]
-      [--calibrations minmse,minmse_bc,recon,recon_bc] [--out-dir DIR] [--out NAME]
+      [--calibrations minmse,minmse_bc,recon,recon_bc] [--methods minmse,gptq]
+      [--out-dir DIR] [--out NAME]
   python -m benchmarks.quant_uniform --merge PART.json PART.json [--out-dir DIR]
 
 Per step setting (`100`: DDIM 100 uniform steps, `10q`: 10 quad), full precision
@@ -9,7 +10,9 @@ and every (bits, calibration), from the noises of `tmpq eval` at the same seed a
 batch size, scored by `Evaluator` and against the FP image of the same noise.
 Calibrations (`quant.solver.solve`, as `tmpq calibrate`) are kept under `--workdir`
 and reused: `minmse`, `minmse_bc` (+ bias correction), `recon` (+ block
-reconstruction), `recon_bc` (both); `dynamic` is none (absmax ranges). The JSON is
+reconstruction), `recon_bc` (both); `dynamic` is none (absmax ranges). `--methods`
+(`tmpq calibrate --method`) re-rounds the weights of each min-MSE kind: `gptq`
+rows are labelled `gptq`, `gptq_bc` (`minmse` keeps the plain names). The JSON is
 rewritten after every row; parts with their own `--out` are joined by `--merge`.
 """
 
@@ -31,7 +34,7 @@ from tmpq_jax.quant import QuantBits, cost, unet_registry
 from tmpq_jax.quant import reconstruction as rc
 from tmpq_jax.quant.calibration import model_fingerprint
 from tmpq_jax.quant.calibration_io import load_calibration, save_calibration
-from tmpq_jax.quant.solver import solve, with_bias_correction
+from tmpq_jax.quant.solver import METHODS, solve, with_bias_correction
 from tmpq_jax.quant.supernet import check_bits, check_candidates
 from tmpq_jax.sampling import load_model
 
@@ -63,7 +66,7 @@ def parse_steps(spec: str) -> list[tuple[int, str]]:
     return out
 
 
-def _solve(lm, reg, cands, path: Path, steps: int, args) -> tuple:
+def _solve(lm, reg, cands, path: Path, steps: int, args, method="minmse") -> tuple:
     """(QParams, settings, reused) without bias correction: the calibration at
     `path`, else made there."""
     fp = model_fingerprint(lm.card)
@@ -75,6 +78,7 @@ def _solve(lm, reg, cands, path: Path, steps: int, args) -> tuple:
         pass
     n_t, n_s = args.calib_timesteps, args.calib_samples
     kw = dict(reconstruct_steps=steps, bias_correction=False, registry=reg)
+    kw["method"] = method
     qp, settings, info = solve(lm, CALIB_SEED, cands, n_t, n_s, progress=False, **kw)
     dev = jax.devices()[0].device_kind
     settings |= dict(seconds=round(info["seconds"], 2), device=dev)
@@ -97,26 +101,30 @@ def _bias_corrected(lm, reg, qp, settings: dict) -> tuple:
 
 
 def get_calibrations(lm, reg, cands, kinds, args) -> tuple[dict, dict]:
-    """({kind: QParams | None}, {kind: record for the JSON}). A `_bc` kind is its
-    base kind's calibration (made once) plus bias correction."""
+    """({label: QParams | None}, {label: record for the JSON}) per kind x method
+    (label: the kind, `minmse` renamed to the method). A `_bc` kind is its base
+    kind's calibration (made once) plus bias correction."""
     c = ",".join(map(str, cands))
     tag = f"c{''.join(map(str, cands))}-t{args.calib_timesteps}x{args.calib_samples}"
     qps, records, base = {}, {}, {}
-    for kind in kinds:
+    for kind, method in kinds:
         if kind == "dynamic":
             qps[kind] = None
             records[kind] = {"what": "no calibration: absmax ranges, no clipping"}
             continue
         recon, bc = CALIBRATIONS[kind]
         t0, steps = time.perf_counter(), args.recon_steps if recon else 0
-        name = f"{'recon' if recon else 'minmse'}{steps or ''}-{tag}"
+        name = f"{'recon' if recon else method}{steps or ''}-{tag}"
         if name not in base:
-            base[name] = _solve(lm, reg, cands, Path(args.workdir) / name, steps, args)
+            path = Path(args.workdir) / name
+            base[name] = _solve(lm, reg, cands, path, steps, args, method)
         qp, settings, reused = base[name]
         if bc:
             qp, settings = _bias_corrected(lm, reg, qp, settings)
         flags = f" --reconstruct --reconstruct-steps {steps}" if steps else ""
         flags += " --bias-correction" if bc else ""
+        flags += f" --method {method}" if method != "minmse" else ""
+        kind = kind.replace("minmse", method)
         qps[kind] = qp
         records[kind] = {
             "path": str(Path(args.workdir) / name), "reused": reused,
@@ -199,6 +207,7 @@ def main() -> None:
     steps_help = "step settings: 100 (uniform), 10q (quad)"
     ap.add_argument("--steps", default="10q,100", help=steps_help)
     ap.add_argument("--calibrations", default="minmse,minmse_bc,recon,recon_bc")
+    ap.add_argument("--methods", default="minmse", help="tmpq calibrate --method's")
     ap.add_argument("--candidates", default="8,7,6,5,4", help="widths calibrated")
     add_args(ap, calib_timesteps=20, calib_samples=32, recon_steps=rc.DEFAULT_STEPS)
     ap.add_argument("--workdir", default="runs/quant_uniform")
@@ -214,6 +223,12 @@ def main() -> None:
     kinds = [k.strip() for k in args.calibrations.split(",") if k.strip()]
     if bad := [k for k in kinds if k not in CALIBRATIONS]:
         raise SystemExit(f"--calibrations {bad}: use {', '.join(CALIBRATIONS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if bad := [m for m in methods if m not in METHODS]:
+        raise SystemExit(f"--methods {bad}: use {', '.join(METHODS)}")
+    # a method re-rounds min-MSE's weights (not reconstruction's); dynamic once
+    keep = lambda k, m: m == "minmse" or k.startswith("minmse")
+    kinds = [(k, m) for m in methods for k in kinds if keep(k, m)]
     cands = check_candidates([int(c) for c in args.candidates.split(",")])
     if missing := sorted({b for wa in bits_list for b in wa} - set(cands)):
         raise SystemExit(f"--bits need widths {missing}; add them to --candidates")
@@ -261,7 +276,7 @@ def main() -> None:
         if rows[-1]["fid"] is not None:
             ref = np.clip(images[:n], -1.0, 1.0)
             fp_ref = (ref, _classes(ev, ref))
-        for kind in kinds:
+        for kind in qps:
             for w, a in bits_list:
                 t0 = time.perf_counter()
                 bits = QuantBits.uniform(reg, w, a)

@@ -310,7 +310,7 @@ def cmd_layers(args, overrides) -> int:
 def cmd_calibrate(args, overrides) -> int:
     from tmpq_jax.quant import save_calibration
     from tmpq_jax.quant.calibration import model_fingerprint
-    from tmpq_jax.quant.solver import solve
+    from tmpq_jax.quant.solver import check_method, solve
     from tmpq_jax.quant.supernet import check_candidates
     from tmpq_jax.user_model import resolve_model
 
@@ -329,6 +329,7 @@ def cmd_calibrate(args, overrides) -> int:
         raise UserError(
             f"--reconstruct-steps {args.reconstruct_steps}: use at least 1."
         )
+    check_method(args.method, args.reconstruct_steps if args.reconstruct else 0)
     lm = resolve_model(args.checkpoint, args.model)
     reg = lm.layer_registry()
     qparams, settings, info = solve(
@@ -341,8 +342,20 @@ def cmd_calibrate(args, overrides) -> int:
         bias_correction=args.bias_correction,
         registry=reg,
         progress=not args.no_progress,
+        method=args.method,
     )
     seconds = info["seconds"]
+    if args.method == "gptq":
+        import numpy as np
+
+        ratios = [r for rs in info["gptq"]["gptq_over_rtn"].values() for r in rs]
+        print(
+            f"gptq: {info['gptq']['hessian_layers']} layers; output error on the "
+            f"calibration set vs round-to-nearest, layer x width: median "
+            f"{float(np.median(ratios)):.2f}x, worst {max(ratios):.2f}x; "
+            f"{sum(map(len, info['gptq']['rtn_kept'].values()))} layer x width "
+            "kept round-to-nearest (GPTQ did worse on held-out timesteps)"
+        )
     if args.reconstruct:
         fits = info["reconstruction"]["fits"]
         kept = settings["reconstruct"]["fits_improved"]
@@ -646,6 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="then store each layer's mean output error per width pair and "
         "subtract it (helps uniform widths; the search did worse with it, see "
         "docs/results.md)",
+    )
+    k.add_argument(
+        "--method",
+        default="minmse",
+        help="weight rounding: minmse (round to nearest on min-MSE ranges, the "
+        "default) or gptq (GPTQ's error-feedback rounding per width, stored with "
+        "the calibration; see docs/qwix.md)",
     )
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(fn=cmd_calibrate, arg_flags={"num_steps": "--timesteps"})

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from tmpq_jax.quant import intercept, numerics, ops
 from tmpq_jax.quant.calibration import _batch_size
 from tmpq_jax.quant.registry import LayerRegistry
-from tmpq_jax.quant.supernet import QParams, QuantBits, operand_specs
+from tmpq_jax.quant.supernet import QParams, QuantBits, operand_specs, with_kernel
 
 
 def _error_fn(model, registry: LayerRegistry, qparams: QParams):
@@ -63,7 +63,8 @@ def _error_fn(model, registry: LayerRegistry, qparams: QParams):
                 quant = numerics.conv_general_dilated(left, right)
             else:
                 quant = numerics.dot_general(left, right)
-            diff = ops.run_canonical(layer, call, quant) - ops.run_canonical(
+            stored = with_kernel(i, registry, call, bits, uncorrected)  # e.g. GPTQ
+            diff = ops.run_canonical(layer, stored, quant) - ops.run_canonical(
                 layer, call, ops.float_op(call)
             )
             diff = diff.astype(jnp.float32).reshape(-1, layer.channels)

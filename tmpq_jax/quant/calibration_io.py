@@ -3,6 +3,8 @@
 One directory: `arrays/` (orbax: per-layer activation bounds and weight clip ratios
 for every candidate width, bias corrections for every width pair if made) and
 `calibration.json` (candidates, layer names, the model's fingerprint, settings).
+A PTQ method that rewrites weights (`--method gptq`) adds `w_kernel`: every
+conv/dense weight at every width, f32[K, *kernel_shape] a layer.
 Written to a temporary sibling and renamed, so a failed save leaves the previous
 calibration intact.
 """
@@ -37,6 +39,8 @@ def _arrays(qparams: QParams) -> dict:
     tree = {"act_bound": qparams.act_bound, "w_clip": _per_layer(qparams.w_clip)}
     if qparams.bias_corr is not None:
         tree["bias_corr"] = _per_layer(qparams.bias_corr)
+    if qparams.w_kernel is not None:
+        tree["w_kernel"] = _per_layer(qparams.w_kernel)
     return tree
 
 
@@ -59,6 +63,9 @@ def save_calibration(
         bit_widths=list(qparams.bit_widths),
         layer_names=list(registry.names),
         bias_corrected=qparams.bias_corr is not None,
+        # a PTQ method's per-width weights (GPTQ): readers that know no
+        # `stored_weights` must not load this calibration (see load_calibration)
+        stored_weights=qparams.w_kernel is not None,
         settings=settings or {},
         model_fingerprint=model_fingerprint,
     )
@@ -124,6 +131,13 @@ def load_calibration(
             for i, layer in enumerate(registry)
             if layer.kernel_shape
         }
+    kernels = bool(meta.get("stored_weights"))
+    if kernels:
+        like["w_kernel"] = {
+            f"{i:04d}": jax.ShapeDtypeStruct((k, *layer.kernel_shape), jnp.float32)
+            for i, layer in enumerate(registry)
+            if layer.kernel_shape
+        }
     tree = restore_tree(
         Path(path) / ARRAYS_DIR,
         like,
@@ -138,4 +152,6 @@ def load_calibration(
         )
 
     corr = per_layer("bias_corr") if corrected else None
-    return QParams(widths, tree["act_bound"], per_layer("w_clip"), corr), meta
+    kern = per_layer("w_kernel") if kernels else None
+    qp = QParams(widths, tree["act_bound"], per_layer("w_clip"), corr, kern)
+    return qp, meta

@@ -57,6 +57,7 @@ from tmpq_jax.quant.supernet import (
     bias_corr_at,
     check_bits,
     check_qparams,
+    kernel_at,
     operand_specs,
 )
 
@@ -131,6 +132,7 @@ def freeze(
             continue
         node = _get(new_params, layer.param_path[:-1])
         leaf = layer.param_path[-1]
+        node[leaf] = _stored_kernel(i, layer, bits, qparams, node[leaf])
         node[leaf], scale = numerics.convert_weight(
             node[leaf], right, layer.weight_contracting
         )
@@ -144,6 +146,21 @@ def freeze(
         bits=bits,
         act_bound=None if dynamic else jnp.stack(bounds),
     )
+
+
+def _stored_kernel(i, layer, bits, qparams, param):
+    """The weight CONVERT quantizes: a PTQ method's stored weight at the layer's
+    width (`supernet.kernel_at`, e.g. GPTQ's), else the param itself."""
+    kern = kernel_at(i, bits, qparams)
+    if kern is None:
+        return param
+    if jnp.shape(kern) != jnp.shape(param):
+        raise UserError(
+            f"layer {layer.name!r}: the calibration's stored weight has shape "
+            f"{jnp.shape(kern)}, its param {jnp.shape(param)}; this calibration "
+            "cannot be exported for this model."
+        )
+    return kern.astype(param.dtype)
 
 
 _freeze = jax.jit(freeze, static_argnums=1)  # one compile per model: bits traced

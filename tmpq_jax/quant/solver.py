@@ -43,6 +43,42 @@ def with_bias_correction(
     return qparams.replace(bias_corr=corr)
 
 
+# PTQ methods (`tmpq calibrate --method`): how the weights are rounded, on top of
+# the min-MSE ranges. minmse: round to nearest (today's default); gptq: GPTQ's
+# error-feedback rounding per width (`gptq.py`, ported from Qwix's contrib).
+METHODS = ("minmse", "gptq")
+
+
+def check_method(method: str, reconstruct_steps: int = 0) -> str:
+    if method not in METHODS:
+        raise UserError(
+            f"calibration method {method!r} is unknown; use one of {', '.join(METHODS)}."
+        )
+    if method != "minmse" and reconstruct_steps:
+        raise UserError(
+            f"--method {method} rewrites the weights; block reconstruction learns "
+            "ranges for the model's own weights: use one of them, not both."
+        )
+    return method
+
+
+def with_method(lm, qparams, key, method, num_timesteps, num_samples, registry, progress):
+    """(qparams, info) with `method`'s weights added (min-MSE: unchanged), made on
+    the calibration set of `key` (the one `calibrate` used: fold 0; fold 3 draws
+    the Hessian's rows)."""
+    if method == "minmse":
+        return qparams, {}
+    from tmpq_jax.quant.gptq import gptq_qparams
+
+    xs, ts, *extra = calibration_set(
+        lm, jax.random.fold_in(key, 0), num_timesteps, num_samples
+    )
+    return gptq_qparams(
+        lm.model, lm.params, registry, qparams, xs, ts, jax.random.fold_in(key, 3),
+        extra=tuple(extra), progress=progress,
+    )  # fmt: skip
+
+
 def solve(
     lm,
     seed: int,
@@ -54,15 +90,18 @@ def solve(
     bias_correction: bool = False,
     registry: LayerRegistry | None = None,
     progress: bool = True,
+    method: str = "minmse",
 ) -> tuple[QParams, dict, dict]:
     """(QParams, settings, info) for a `LoadedModel`.
 
     `seed` keys everything (calibration set: fold 0, activation subsample: fold 1,
-    reconstruction minibatches: fold 2). `reconstruct_steps` > 0 runs block
+    reconstruction minibatches: fold 2, GPTQ's Hessian rows: fold 3). `method`
+    (`METHODS`) rounds the weights after min-MSE. `reconstruct_steps` > 0 runs block
     reconstruction (`reconstruction.py`) on the min-MSE result; `bias_correction`
     (`bias_correction.py`, off by default: on the shipped model it helped
     uniform widths but the W6A6 joint search ended worse with it) is made last,
     for the ranges finally kept."""
+    check_method(method, reconstruct_steps)
     registry = registry if registry is not None else lm.layer_registry()
     if lm.prediction != "eps" and (reconstruct_steps or bias_correction):
         raise UserError(
@@ -82,6 +121,14 @@ def solve(
         "bias_correction": bias_correction,
     }
     seconds = info["seconds"]
+    if method != "minmse":
+        t0 = time.perf_counter()
+        qparams, minfo = with_method(
+            lm, qparams, key, method, num_timesteps, num_samples, registry, progress
+        )
+        seconds += time.perf_counter() - t0
+        settings["method"] = method
+        info[method] = minfo
     if reconstruct_steps:
         xs, ts = calibration_set(  # the set `calibrate` used (same key)
             lm, jax.random.fold_in(key, 0), num_timesteps, num_samples

@@ -23,6 +23,7 @@ dynamic absmax and weight scales plain per-channel absmax. Forward only.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,6 +82,10 @@ class QParams:
         conv/dense at (w_bits, a_bits) = (bit_widths[k], bit_widths[j]) over the
         calibration set (`bias_correction.py`), subtracted from its output
         (None for MatMul layers); None: no correction.
+    w_kernel: per layer float32[K, *kernel_shape], the weight to quantize at width
+        `bit_widths[k]` in place of the model's own (a PTQ method's rounding,
+        e.g. GPTQ's, `gptq.py`: already on that width's grid under `w_clip`), None
+        for MatMul layers; None: the model's weights.
     `bit_widths` must hold every genome candidate and the pinned softmax width.
     """
 
@@ -88,6 +93,7 @@ class QParams:
     act_bound: jax.Array | None = None
     w_clip: tuple[jax.Array | None, ...] | None = None
     bias_corr: tuple[jax.Array | None, ...] | None = None
+    w_kernel: tuple[jax.Array | None, ...] | None = None
 
     def width_index(self, bits) -> Any:
         """Index of `bits` in `bit_widths` (static for an int, traced otherwise)."""
@@ -188,6 +194,20 @@ def check_qparams(
                     f"bias_corr for {layer.name!r}: shape {jnp.shape(corr)}, "
                     f"expected {want}."
                 )
+    if qparams.w_kernel is not None:
+        if len(qparams.w_kernel) != n:
+            raise UserError(
+                f"w_kernel has {len(qparams.w_kernel)} entries, expected {n}."
+            )
+        for layer, kern in zip(registry, qparams.w_kernel, strict=True):
+            want = (k, *layer.kernel_shape) if layer.kernel_shape else None
+            if (kern is None) != (want is None) or (
+                kern is not None and jnp.shape(kern) != want
+            ):
+                raise UserError(
+                    f"w_kernel for {layer.name!r}: shape {jnp.shape(kern)}, "
+                    f"expected {want}."
+                )
 
 
 # ----------------------------------------------------------------------------
@@ -232,6 +252,25 @@ def bias_corr_at(i: int, bits: QuantBits, qparams: QParams | None):
     return jnp.take(corr, qparams.width_index(bits.a_bits[i]), axis=0)
 
 
+def kernel_at(i: int, bits: QuantBits, qparams: QParams | None):
+    """Layer i's stored weight at its w_bits width (`QParams.w_kernel`, selected by
+    the traced bits), or None: the model's own weight."""
+    if qparams is None or qparams.w_kernel is None or qparams.w_kernel[i] is None:
+        return None
+    return jnp.take(qparams.w_kernel[i], qparams.width_index(bits.w_bits[i]), axis=0)
+
+
+def with_kernel(i: int, registry: LayerRegistry, call, bits, qparams):
+    """`call` with its weight operand (the registry's `weight_operand`) replaced
+    by `kernel_at`, if one is stored."""
+    kern = kernel_at(i, bits, qparams)
+    if kern is None:
+        return call
+    side = "lhs" if registry[i].weight_operand == 0 else "rhs"
+    old = getattr(call, side)
+    return dataclasses.replace(call, **{side: kern.astype(old.dtype)})
+
+
 def make_handler(bits: QuantBits, registry: LayerRegistry, qparams: QParams | None = None):
     """An op handler (`intercept.intercept`) quantizing every registered op with
     `bits`; ops the registry keeps in float run as they are."""
@@ -242,6 +281,7 @@ def make_handler(bits: QuantBits, registry: LayerRegistry, qparams: QParams | No
             return call.original()
         left, right = operand_specs(i, registry, bits, qparams)
         corr = bias_corr_at(i, bits, qparams)
+        call = with_kernel(i, registry, call, bits, qparams)
         return ops.quantized(registry[i], call, left, right, corr)
 
     return handler
