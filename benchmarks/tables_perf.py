@@ -262,7 +262,10 @@ def kernel_table(d: dict, ceiling: float | None = None) -> str:
     return "\n\n".join([_kernel_rows(d), *(line for line in lines if line), foot])
 
 
-def render_perf() -> str:
+def render_perf(big: bool = False) -> str:
+    """perf.json's block, or with `big` perf_big.json's (`render_perf_big`)."""
+    if big:
+        return render_perf_big()
     if not (d := _load("perf.json")):
         return "Not yet measured: `python -m benchmarks.perf` writes `benchmarks/results/perf.json`."
     text = perf_table(d)
@@ -273,3 +276,46 @@ def render_perf() -> str:
     if (g := _load("kernel_breakdown_gnq.json")) and (line := fused_norm_quant_text(g)):
         text += "\n\n" + line
     return text
+
+
+BIG_TARGETS = {
+    "dit_quant_vs_bf16": ("DiT-XL/2 size: quantized population evaluation >= 90% of the bf16 model's throughput", "%"),
+    "dit_fraction_of_bf16_ceiling": ("DiT-XL/2 size: population evaluation >= 40% of the bf16 matmul ceiling", "%"),
+    "dit_vs_torch_best": ("DiT-XL/2 size: >= 2x the better PyTorch way (torch.compile, eager fake quant)", "x"),
+    "unet_quant_vs_bf16": ("SD 1.5 size UNet: quantized population evaluation >= 90% of bf16 throughput", "%"),
+    "served_vs_bf16": ("DiT-XL/2 size served quantized >= 1.3x bf16 at the same steps (batch 64)", "x"),
+}  # fmt: skip
+
+
+def render_perf_big() -> str:
+    """perf_big.json (issue 26, parts 2 and 4): each target, its value, met or not;
+    the serving modes; memory per candidate."""
+    if not (d := _load("perf_big.json")):
+        return "Not yet measured: `python -m benchmarks.perf_big` (one H100) writes `benchmarks/results/perf_big.json`."
+    rows = []
+    for key, (what, unit) in BIG_TARGETS.items():
+        r = d.get(key) or {}
+        if (v := r.get("value")) is None:
+            rows.append([what, f"not measured ({r.get('status', 'absent')})", ""])
+            continue
+        got = f"{100 * v:.0f}%" if unit == "%" else f"{v:.2f}x"
+        got += f" ({d['served_best']})" if key == "served_vs_bf16" else ""
+        got += f" ({', '.join(d['torch_ways_measured'])})" if key == "dit_vs_torch_best" else ""
+        rows.append([what, got, "met" if r["met"] else "**not met**"])
+    parts = [md_table(["target (one H100)", "measured", ""], rows)]
+    serve, lat = d.get("serve") or {}, d.get("latency") or {}
+    modes = [k for k in ("bf16", "int8_w8a8", "fp8_e4m3") if k in serve]
+    if modes:
+        cell = lambda k: f"{1e3 * lat[k]['latency_s']:.1f} ms" if k in lat else "—"  # noqa: E731
+        head = [f"DiT serving, {serve['steps']} steps", f"images/s, batch {serve['batch']}", "latency, one image"]
+        parts.append(md_table(head, [[k, f"{serve[k]['images_per_s']:,.0f}", cell(k)] for k in modes]))
+    if "fp8" in d and d["fp8"] != "measured":
+        parts.append(f"fp8: {d['fp8']}")
+    if (m := d.get("memory") or {}).get("largest_chunk") is not None:
+        how = "compiled at chunks 1 and 2" if "chunks 1 and 2" in m["how"] else "estimated from the chunk-1 program"
+        parts.append(f"Memory (the DiT's population program, {m['samples']} samples a candidate, XLA's analysis, {how}): "
+                     f"{m['bytes_per_candidate'] / 2**30:.2f} GiB a candidate, {m['fixed_bytes'] / 2**30:.2f} GiB fixed; "
+                     f"the largest chunk that fits the device's {m['device_bytes'] / 2**30:.0f} GiB: {m['largest_chunk']}.")  # fmt: skip
+    sizes = ", ".join(f"{k} {v['params'] / 1e6:.0f}M params" for k, v in (d.get("models") or {}).items())
+    parts.append(_footer(d, f"{sizes}; `{d['command']}`", "perf_big.json"))
+    return "\n\n".join(parts)

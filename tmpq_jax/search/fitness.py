@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from tmpq_jax.diffusion.schedules import NoiseSchedule
+from tmpq_jax.errors import UserError
 from tmpq_jax.metrics import FeatureNet, fid_from_features
 from tmpq_jax.quant import export
 from tmpq_jax.quant.registry import LayerRegistry
@@ -93,6 +94,22 @@ def map_in_chunks(fn, x, chunk: int) -> jax.Array:
 
     out = jax.lax.map(fn, jax.tree.map(split, x))
     return out.reshape(k * chunk, *out.shape[2:])[:n]
+
+
+def chunk_memory(fixed: float, per_candidate: float, limit: int, chunk=None) -> int:
+    """The largest `candidate_chunk` whose population program fits `limit` bytes,
+    given its bytes outside the candidates (`fixed`) and those each vmapped candidate
+    adds (both from XLA's memory analysis of the compiled program); a `chunk` beyond
+    it is refused in one line."""
+    largest = max(int((limit - fixed) // max(per_candidate, 1.0)), 0)
+    if chunk is not None and chunk > largest:
+        raise UserError(
+            f"search.candidate_chunk={chunk} does not fit in the device's "
+            f"{limit / 2**30:.1f} GiB ({per_candidate / 2**30:.2f} GiB a candidate); "
+            + (f"the largest that fits is {largest}." if largest else "not even 1 "
+               "fits: lower search.num_samples or set search.sample_chunk.")
+        )  # fmt: skip
+    return largest
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

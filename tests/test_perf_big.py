@@ -1,0 +1,42 @@
+"""Issue 26's one-line refusals: a population chunk that does not fit in memory
+(naming the largest that fits), and fp8 asked of a device without fp8."""
+
+import types
+
+import pytest
+
+from benchmarks.perf_big import fp8_supported, main
+from tmpq_jax.errors import UserError
+from tmpq_jax.search.fitness import chunk_memory
+
+GIB = 2**30
+
+
+def test_largest_chunk_that_fits():
+    assert chunk_memory(GIB, 2 * GIB, 80 * GIB) == 39  # 1 GiB fixed + 2 a candidate
+    assert chunk_memory(GIB, 2 * GIB, 80 * GIB, chunk=39) == 39
+
+
+def test_chunk_that_does_not_fit_is_refused_in_one_line():
+    with pytest.raises(UserError, match="candidate_chunk=40 does not fit") as e:
+        chunk_memory(GIB, 2 * GIB, 80 * GIB, chunk=40)
+    assert "the largest that fits is 39" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="not even 1 fits"):
+        chunk_memory(GIB, 2 * GIB, 2 * GIB, chunk=1)
+
+
+def test_fp8_needs_ada_or_hopper():
+    gpu = lambda cc: types.SimpleNamespace(  # noqa: E731
+        platform="gpu", compute_capability=cc, device_kind="NVIDIA GPU"
+    )
+    assert fp8_supported(gpu("9.0")) is None and fp8_supported(gpu("8.9")) is None
+    why = fp8_supported(gpu("8.0"))
+    assert "no fp8" in why and "8.9+" in why and "\n" not in why
+    cpu = types.SimpleNamespace(platform="cpu", device_kind="cpu")
+    assert "no fp8" in fp8_supported(cpu)
+
+
+def test_fp8_on_refused_without_fp8(tmp_path):
+    # tests run on the CPU: --fp8 on stops in one line before anything is built
+    with pytest.raises(SystemExit, match="--fp8 on: .* has no fp8"):
+        main(["--tiny", "--fp8", "on", "--out", str(tmp_path / "p.json")])
