@@ -368,12 +368,24 @@ def render_summary() -> str:
     return summary_table(d, SearchConfig().fitness) if d else "Not yet measured: `benchmarks.search_table`."
 
 
+def render_search_front() -> str:
+    """Issue 22: N searched under total-BitOPs budgets and one front; the table and
+    docs/search_front.png, both from search_front.json."""
+    if not (d := _load("search_front.json")):
+        return "Not yet measured: `python -m benchmarks.search_front` writes `benchmarks/results/search_front.json`."
+    from benchmarks.search_front import figure, table
+
+    figure(d, ROOT / "docs" / "search_front.png")
+    return table(d) + "\n\n![FID against total BitOPs, every method](search_front.png)"
+
+
 def blocks() -> list[tuple]:
     """Every rendered block: (file, begin marker, end marker, renderer)."""
     results, perf = ROOT / "docs" / "results.md", ROOT / "docs" / "performance.md"
     spec = [(README, "summary", render_summary), (results, "tables", render),
             (results, "quant_uniform", render_quant_uniform),
             (results, "dit", render_dit),
+            (results, "search_front", render_search_front),
             (perf, "perf", render_perf)]  # fmt: skip
     return [(p, f"<!-- {t}:begin -->", f"<!-- {t}:end -->", fn) for p, t, fn in spec]
 

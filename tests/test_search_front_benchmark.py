@@ -4,6 +4,8 @@ quad steps, so a variable search starts where a fixed-N search at the budget doe
 
 import argparse
 import json
+import re
+import sys
 import types
 
 import jax.numpy as jnp
@@ -80,13 +82,14 @@ def _row(method, budget, seed, steps, fid, select, evals=10, **kw):
                 steps=steps, fid=fid, fid_2=2 * fid, select_score=select,
                 evaluations=evals, total_bitops=90.0, protocol={"population": 6},
                 unit=f"{method}/{budget}/{seed}/{steps}", device="CPU",
+                rescored={"num_samples": 10_000},
                 date="2026-12-08T00:00:00", command="cmd", **kw)  # fmt: skip
 
 
 def test_best_fixed_n_is_chosen_by_the_train_split_score_never_the_test_fid():
     grid = [2, 4, 8]
-    rows = [
-        _row("precision_n", "w4a8x4", 0, 2, fid=1.0, select=9.0, grid=grid),  # best test
+    rows = [  # N = 2: the best test FID, the worst select score
+        _row("precision_n", "w4a8x4", 0, 2, fid=1.0, select=9.0, grid=grid),
         _row("precision_n", "w4a8x4", 0, 4, fid=5.0, select=3.0, grid=grid),
     ]
     assert not any(r["method"] == "precision" for r in S.with_precision(rows))
@@ -145,7 +148,8 @@ def test_table_and_figure_render_from_the_json_with_the_seed_spread(tmp_path):
     text = S.table(d)
     assert "4.00 ± 1.00 [3.00–5.00] (N 5)" in text  # fid: mean ± sd [min–max]
     assert "8.00 ± 2.00 [6.00–10.00] (N 5)" in text  # fid_2 in its own table
-    assert "| 9.00 (N 6) |" in text and "| 8 |" in text  # front: 7.5 evaluations
+    assert "| 9.00 (N 6) |" in text and "| 7.5 |" in text  # the front's evaluations
+    assert "10000 fresh samples" in text and "W6A6 x6 (0.0 GBitOPs)" in text
     S.figure(d, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 10_000
 
@@ -178,3 +182,22 @@ def test_precision_grid_keeps_only_feasible_n(reg, monkeypatch):
     budget = B.budget_bitops(reg, 4, 8, 4)
     assert (8 in steps) == cost.within_budget(floor[0], budget)
     assert (20 in steps) == cost.within_budget(floor[1], budget)
+
+
+@pytest.mark.parametrize(
+    ("flags", "msg"),
+    [
+        (["--min-steps", "30"], "search.min_steps=30: use 1..num_steps (20)"),
+        (["--budgets", "w4a8x1", "--min-steps", "4"], "below the cheapest genome"),
+        (["--budgets", "w8a8x20,w6a6"], "--budgets: 'w6a6' is not wWaAxN"),
+    ],
+)
+def test_bad_benchmark_input_is_refused_in_one_line_before_any_work(
+    flags, msg, tmp_path, monkeypatch
+):
+    """On the shipped model: nothing is calibrated, searched or written."""
+    where = ["--out-dir", str(tmp_path / "out"), "--workdir-root", str(tmp_path / "w")]
+    monkeypatch.setattr(sys, "argv", ["search_front", *flags, *where])
+    with pytest.raises(UserError, match=re.escape(msg)) as e:
+        S.main()
+    assert "\n" not in str(e.value) and not any(tmp_path.iterdir())
