@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import REPO, add_args, provenance, write_json
+from benchmarks.common import REPO, add_args, load_result, provenance, write_json
 from tmpq_jax.config import TrainConfig, load_config
 from tmpq_jax.diffusion.flow import FlowConfig, flow_loss
 from tmpq_jax.diffusion.schedules import DiffusionConfig, make_noise_schedule
@@ -149,6 +149,7 @@ def main() -> None:
         rows["dit"] = bench("dit", args.dit_batch, args.steps, args.repeats)
     u, prov = rows["unet"], provenance()
     med, cpu, cores = u["s_per_step_median"], cpu_model(), len(os.sched_getaffinity(0))
+    kept = {k: v for k, v in (load_result(args.out) or {}).items() if "search" in k}
     payload = {
         **prov,
         "jax_device": prov["device"], "device": f"{cpu}, {cores} cores",
@@ -173,7 +174,7 @@ def main() -> None:
     }  # fmt: skip
     if "dit" in rows:
         payload["dit_train_step_vs_plain_jit"] = rows["dit"]["default_vs_plain_jit"]
-    payload["wall_s"] = round(time.perf_counter() - t0, 1)
+    payload.update(kept, wall_s=round(time.perf_counter() - t0, 1))
     now = datetime.datetime.now(datetime.UTC)
     payload["finished"] = now.isoformat(timespec="seconds")
     print(write_json(args.out, payload, args.out_dir))

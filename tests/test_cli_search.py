@@ -17,7 +17,7 @@ CPU = "configs/fmnist_search_cpu.py"
         ("--config.search.strategy=hillclimb", "search.strategy='hillclimb'"),
         ("--config.search.seed_w_bits=3", "not in the candidate set"),
         ("--config.search.candidates=(8,8,6)", "distinct widths"),
-        ("--config.search.num_samples=100", "more samples than the 128"),
+        ("--config.search.rescore_samples=100", "more samples than the 128"),
         ("--config.search.populaton=8", "populaton"),
     ],
 )

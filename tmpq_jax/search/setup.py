@@ -355,14 +355,18 @@ def build_setup(
         )
     check_disjoint([net, *(n for n, _ in ensemble)], [n for n, _ in eval_nets])
     dims = [net.feature_dim, *(n.feature_dim for n, _ in ensemble)]
-    if cfg.fitness != "teacher":
-        names = ("num_samples", "rescore_samples", "race_samples")
-        for name in names[: 2 + bool(cfg.race_samples)]:
-            if getattr(cfg, name) <= max(dims):
-                raise UserError(
-                    f"search.{name}={getattr(cfg, name)}: FID needs more samples than "
-                    f"the {max(dims)} feature dims; use at least {max(dims) + 1}."
-                )
+    by_fid = cfg.fitness != "teacher"
+    select = cfg.select if cfg.select != "fitness" else cfg.fitness
+    for name, used in (  # the top-k may be selected by an FID
+        ("num_samples", by_fid),
+        ("rescore_samples", by_fid or select in ("fid", "ensemble")),
+        ("race_samples", by_fid and cfg.race_samples),
+    ):
+        if used and getattr(cfg, name) <= max(dims):
+            raise UserError(
+                f"search.{name}={getattr(cfg, name)}: FID needs more samples than "
+                f"the {max(dims)} feature dims; use at least {max(dims) + 1}."
+            )
     static_ranges = qparams is not None and qparams.act_bound is not None
     mesh = sharding.search_mesh(cfg, devices, static_ranges)
     c = lm.config
