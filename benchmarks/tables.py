@@ -386,6 +386,7 @@ def blocks() -> list[tuple]:
             (results, "quant_uniform", render_quant_uniform),
             (results, "dit", render_dit),
             (results, "search_front", render_search_front),
+            (perf, "perf_big", lambda: render_perf(big=True)),
             (perf, "perf", render_perf)]  # fmt: skip
     return [(p, f"<!-- {t}:begin -->", f"<!-- {t}:end -->", fn) for p, t, fn in spec]
 
