@@ -345,15 +345,16 @@ def cmd_calibrate(args, overrides) -> int:
         method=args.method,
     )
     seconds = info["seconds"]
-    if args.method == "gptq":
+    if args.method != "minmse":
         import numpy as np
 
-        ratios = [r for rs in info["gptq"]["gptq_over_rtn"].values() for r in rs]
+        m = args.method
+        ratios = [r for rs in info[m]["gptq_over_rtn"].values() for r in rs]
         print(
-            f"gptq: {info['gptq']['hessian_layers']} layers; output error on the "
+            f"{m}: {info[m]['hessian_layers']} layers; output error on the "
             f"calibration set vs round-to-nearest, layer x width: median "
             f"{float(np.median(ratios)):.2f}x, worst {max(ratios):.2f}x; "
-            f"{sum(map(len, info['gptq']['rtn_kept'].values()))} layer x width "
+            f"{sum(map(len, info[m]['rtn_kept'].values()))} layer x width "
             "kept round-to-nearest (GPTQ did worse on held-out timesteps)"
         )
     if args.reconstruct:
@@ -664,8 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="minmse",
         help="weight rounding: minmse (round to nearest on min-MSE ranges, the "
-        "default) or gptq (GPTQ's error-feedback rounding per width, stored with "
-        "the calibration; see docs/qwix.md)",
+        "default), gptq (GPTQ's error-feedback rounding per width, each layer on "
+        "the float model's inputs, stored with the calibration), gptq_seq (GPTQ "
+        "layer after layer on the quantized model's inputs), gptaq (gptq_seq "
+        "aiming at the float output: later layers make up for earlier errors) or "
+        "gptaq_clip (gptaq, clip ratios picked for output error); see docs/qwix.md",
     )
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(fn=cmd_calibrate, arg_flags={"num_steps": "--timesteps"})

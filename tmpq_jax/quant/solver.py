@@ -45,8 +45,14 @@ def with_bias_correction(
 
 # PTQ methods (`tmpq calibrate --method`): how the weights are rounded, on top of
 # the min-MSE ranges. minmse: round to nearest (today's default); gptq: GPTQ's
-# error-feedback rounding per width (`gptq.py`, ported from Qwix's contrib).
-METHODS = ("minmse", "gptq")
+# error-feedback rounding per width (`gptq.py`, ported from Qwix's contrib), each
+# layer on the float model's inputs; gptq_seq: GPTQ layer after layer on the
+# inputs of the model quantized so far (`gptq_seq.py`, GPTQ's paper); gptaq: as
+# gptq_seq, aiming at the float model's output (later layers make up for the
+# error of earlier ones, GPTAQ's asymmetric target); gptaq_clip: gptaq with each
+# channel's clip ratio picked for GPTQ's output error among CLIP_GRID x min-MSE's.
+METHODS = ("minmse", "gptq", "gptq_seq", "gptaq", "gptaq_clip")
+CLIP_GRID = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25)
 
 
 def check_method(method: str, reconstruct_steps: int = 0) -> str:
@@ -62,17 +68,27 @@ def check_method(method: str, reconstruct_steps: int = 0) -> str:
     return method
 
 
-def with_method(lm, qparams, key, method, num_timesteps, num_samples, registry, progress):
+def with_method(
+    lm, qparams, key, method, num_timesteps, num_samples, registry, progress
+):
     """(qparams, info) with `method`'s weights added (min-MSE: unchanged), made on
     the calibration set of `key` (the one `calibrate` used: fold 0; fold 3 draws
     the Hessian's rows)."""
     if method == "minmse":
         return qparams, {}
     from tmpq_jax.quant.gptq import gptq_qparams
+    from tmpq_jax.quant.gptq_seq import gptq_seq_qparams
 
     xs, ts, *extra = calibration_set(
         lm, jax.random.fold_in(key, 0), num_timesteps, num_samples
     )
+    if method in ("gptq_seq", "gptaq", "gptaq_clip"):
+        grid = CLIP_GRID if method == "gptaq_clip" else (1.0,)
+        return gptq_seq_qparams(
+            lm.model, lm.params, registry, qparams, xs, ts, jax.random.fold_in(key, 3),
+            extra=tuple(extra), compensate=method != "gptq_seq", grid=grid,
+            progress=progress,
+        )  # fmt: skip
     return gptq_qparams(
         lm.model, lm.params, registry, qparams, xs, ts, jax.random.fold_in(key, 3),
         extra=tuple(extra), progress=progress,
