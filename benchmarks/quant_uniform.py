@@ -1,7 +1,7 @@
 """The uniform-precision table: FID of uniform WxAy beside full precision.
 
   python -m benchmarks.quant_uniform [--bits w8a8,w7a7,w6a6,w5a5,w4a8] [--steps 10q,100]
-      [--calibrations minmse,minmse_bc,recon,recon_bc] [--methods minmse,gptq]
+      [--calibrations minmse,minmse_bc,recon,recon_bc] [--methods minmse,gptq,gptaq]
       [--out-dir DIR] [--out NAME]
   python -m benchmarks.quant_uniform --merge PART.json PART.json [--out-dir DIR]
 
@@ -11,8 +11,9 @@ batch size, scored by `Evaluator` and against the FP image of the same noise.
 Calibrations (`quant.solver.solve`, as `tmpq calibrate`) are kept under `--workdir`
 and reused: `minmse`, `minmse_bc` (+ bias correction), `recon` (+ block
 reconstruction), `recon_bc` (both); `dynamic` is none (absmax ranges). `--methods`
-(`tmpq calibrate --method`) re-rounds the weights of each min-MSE kind: `gptq`
-rows are labelled `gptq`, `gptq_bc` (`minmse` keeps the plain names). The JSON is
+(`tmpq calibrate --method`: gptq, gptq_seq, gptaq, gptaq_clip) re-rounds the
+weights of each min-MSE kind: e.g. `gptaq` rows are labelled `gptaq`,
+`gptaq_bc` (`minmse` keeps the plain names). The JSON is
 rewritten after every row; parts with their own `--out` are joined by `--merge`.
 """
 
