@@ -56,7 +56,9 @@ def rescore_rows(rows, budget: str, root: Path, overrides=(), model: str = "unet
     ]
     if not todo:
         return
-    setup = prepare(_run_config(budget, "joint", 0, list(overrides), model), root / budget)
+    setup = prepare(
+        _run_config(budget, "joint", 0, list(overrides), model), root / budget
+    )
     prov = provenance()
     for r in todo:
         scores, _ = rescore(setup, setup.evaluator, genome_of(setup, r), False)

@@ -81,7 +81,9 @@ def _fp_row(setup, ev: Evaluator, schedule: str = "seed") -> dict:
     lm, cfg, a = setup.lm, setup.run.search, setup.assets
     ts = setup.space.decode(setup.space.seed).timesteps
     if schedule == "uniform":
-        ts = jax.numpy.asarray(uniform_timesteps(cfg.num_steps, lm.diffusion.num_timesteps))
+        ts = jax.numpy.asarray(
+            uniform_timesteps(cfg.num_steps, lm.diffusion.num_timesteps)
+        )
     sampler = setup.engine.problem.sampler
     fn = jax.jit(
         lambda x, y: sampler(lm.model_fn(lm.params), x, ts, a.sched, y, a.guidance)
@@ -227,11 +229,7 @@ def main() -> None:
     }
     root = Path(args.workdir_root) / args.model
     for method in args.methods.split(","):
-        seeds = (
-            [0]
-            if method in BASELINES
-            else [int(s) for s in args.seeds.split(",")]
-        )
+        seeds = [0] if method in BASELINES else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
             if (method, seed) in done:
                 continue

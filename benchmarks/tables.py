@@ -13,18 +13,9 @@ from benchmarks.common import REPO as ROOT
 from benchmarks.common import RESULTS, md_table
 from benchmarks.common import load_result as _load
 from benchmarks.tables_perf import render_perf
-from tmpq_jax.search.config import SearchConfig
+from benchmarks.tables_search import _src, render_eval_cpu, search_table
 
 README = ROOT / "README.md"
-SEEDS = (0, 1, 2)  # the table's seeds for every searched method
-
-
-def _src(d: dict, name: str, sep: str = ",") -> str:
-    """A table's footer: device, date, the command (every part's) and the file."""
-    cmds = "; ".join(f"`{p['command']}`" for p in d.get("parts", [d]))
-    return (
-        f"*{d['device']}, {d['date'][:10]}{sep} {cmds} → `benchmarks/results/{name}`*"
-    )
 
 
 def fp_model_table(d: dict) -> str:
@@ -52,122 +43,6 @@ def fp_baseline_table(d: dict) -> str:
     head = "sampler | steps | schedule | FID (FMNIST clf.) | x floor | KID | IS | min class"
     intro = f"{n} samples per row, seed 0, against the 10k test-set statistics.\n\n"
     return intro + md_table(head, rows) + "\n\n" + _src(d, "fp_baseline.json")
-
-
-_LABELS = {"fp": "full precision (W32A32), quad steps",
-           "fp_uniform": "full precision, uniform steps (the best fixed schedule)",
-           "uniform": "uniform {w} + quad steps (the seed genome)",
-           "precision": "precision-only search (quad steps fixed)",
-           "timesteps": "timestep-only search (uniform {w} fixed)",
-           "random": "random search, same evaluations",
-           "joint": "**joint search**"}  # fmt: skip
-
-
-def _mean_std(values: list[float], seeds: bool = True) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    m = sum(values) / len(values)
-    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{m:.2f} ± {sd:.2f}" + (f" ({len(values)} seeds)" if seeds else "")
-
-
-# Reported on 10k fresh samples against the test split. The classifier's FID is
-# the `fid` fitness's own space; the others no fitness ever sees.
-_SCORES = (("fid_10k", "FID clf."), ("fid_eval_resnet", "FID ResNet"),
-           ("fid_eval_simclr", "FID SimCLR"), ("fid_pixels", "FID pixels"),
-           ("precision", "P"), ("recall", "R"))  # fmt: skip
-_FITNESSES = ("fid", "teacher", "ensemble")
-
-
-def _score(r: dict, key: str):
-    return r.get(key, (r.get("rescored") or {}).get(key))
-
-
-def _cells(rs: list[dict], key: str) -> str:
-    vals = [v for r in rs if (v := _score(r, key)) is not None]
-    return _mean_std(vals, seeds=False) if len(vals) == len(rs) else "—"
-
-
-def _groups(d: dict):
-    """(model, budget, rows) of the table, the UNet first."""
-    for model in ("unet", "dit"):
-        for budget in ("w6a6", "w4a8"):
-            rows = [r for r in d["rows"] if r.get("model", "unet") == model
-                    and r["budget"] == budget]  # fmt: skip
-            if rows:
-                yield model, budget, rows
-
-
-def search_table(d: dict) -> str:
-    out = []
-    for model, budget, rows in _groups(d):
-        w = budget.upper()
-        cands = "{8,7,6,5}" if budget == "w6a6" else "{8,7,6,5,4}"
-        gbitops = rows[0]["budget_bitops"] / 1e9
-        what = "UNet, DDIM" if model == "unet" else "DiT, Euler, guidance 1.5"
-        out.append(f"**{what}.** Budget: total BitOPs of uniform {w} at 10 steps "
-                   f"({gbitops:.1f} GBitOPs per image), bits {cands}.")  # fmt: skip
-        cells, missing = [], []
-        for fitness in _FITNESSES:
-            for method in _LABELS:
-                rs = [r for r in rows if r["method"] == method
-                      and r.get("fitness", "fid") == fitness]  # fmt: skip
-                if not rs:
-                    continue
-                have = {r["seed"] for r in rs}
-                if method not in ("fp", "fp_uniform", "uniform") and (
-                    lack := [s for s in SEEDS if s not in have]
-                ):
-                    missing.append(f"{method}, {fitness} (seed {', '.join(map(str, lack))})")
-                cells.append([_LABELS[method].format(w=w), fitness, len(rs)])
-                cells[-1] += [_cells(rs, k) for k, _ in _SCORES]
-                cells[-1] += [_mean_std([r["bitops"] / 1e9 for r in rs], False)]
-                cells[-1].append(rs[0]["evaluations"])
-        head = ["method", "fitness", "seeds", *(h for _, h in _SCORES)]
-        out += ["", md_table(head + ["GBitOPs", "evaluations"], cells)]
-        if missing:
-            out += ["", f"Not yet run: {'; '.join(missing)}."]
-        protocols = {json.dumps(r["protocol"]) for r in rows if "protocol" in r}
-        for p in sorted(protocols):
-            out += ["", f"Protocol of the rows that record one: `{p}`."]
-        out.append("")
-    legend = (
-        "*Mean ± standard deviation over seeds of each method's best genome, 10k "
-        'fresh samples against the test split. FID clf. is the FMNIST '
-        "classifier's space, which the `fid` fitness optimizes (on train "
-        'statistics); ResNet (a classifier of another design) and SimCLR (trained'
-        ' without labels) are evaluation nets no fitness sees; P and R: k-NN '
-        'precision and recall in ResNet space. — : not scored in that space (rows'
-        ' searched before the evaluation nets existed and not yet re-scored).*'
-    )
-    return "\n".join(out) + "\n" + legend + "\n\n" + _search_sources(d)
-
-
-def _search_sources(d: dict) -> str:
-    """The table's footer: which device ran which rows, the dates, the commands
-    (rows carry their own; a table from before they did names its parts')."""
-    rows = d["rows"]
-    if not all("command" in r for r in rows):
-        return _src(d, "search_table.json", ";")
-    by_device: dict[str, dict] = {}
-    for r in rows:
-        key = (r["budget"].upper(), r["method"])
-        by_device.setdefault(r["device"], {}).setdefault(key, []).append(r["seed"])
-    # the device that ran most rows is "the rest"; the others list their rows
-    order = sorted(by_device, key=lambda dev: -sum(map(len, by_device[dev].values())))
-    devices = order[0] if len(order) == 1 else f"{order[0]}: every row but these"
-    for dev in order[1:]:
-        runs = sorted(by_device[dev].items())
-        devices += f"; {dev}: " + ", ".join(
-            f"{b} {m} (seed {', '.join(map(str, sorted(seeds)))})"
-            for (b, m), seeds in runs
-        )
-    dates = sorted({r["date"][:10] for r in rows})
-    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
-    return (f"*{devices}; {when}; each row one `python -m benchmarks.search_table "
-            "--budget B --methods M --seeds S` (the JSON gives each row's device, "
-            "command and date, or where its `provenance_note` says so, its part "
-            "file's date) → `benchmarks/results/search_table.json`*")  # fmt: skip
 
 
 def large_table(base: dict, large: dict, m_base: dict, m_large: dict) -> str:
@@ -298,47 +173,6 @@ def render() -> str:
     return "\n\n".join(parts)
 
 
-_SUMMARY = {"fp": "full precision, quad steps",
-            "fp_uniform": "full precision, uniform steps",
-            "uniform": "uniform bits (the budget's), quad steps",
-            "precision": "precision-only search (quad steps)",
-            "timesteps": "timestep-only search (uniform bits)",
-            "random": "random search, same evaluations",
-            "joint": "**joint search** (timesteps + bits)"}  # fmt: skip
-_SEARCHED = ("precision", "timesteps", "random", "joint")
-_HEADLINE = (("fid_eval_resnet", "ResNet"), ("fid_eval_simclr", "SimCLR"))
-
-
-def summary_table(d: dict, fitness: str = "fid") -> str:
-    """The README's table: the UNet's genomes under `fitness` (the default), scored
-    only in the evaluation spaces no fitness sees, at both budgets."""
-    rows = [r for r in d["rows"] if r.get("model", "unet") == "unet"]
-    gbitops = {r["budget"]: r["budget_bitops"] / 1e9 for r in rows}
-    budgets = sorted(gbitops, reverse=True)  # w6a6, w4a8
-    head = [f"{b.upper()} ({gbitops[b]:.0f} GBitOPs): FID {n}" for b in budgets
-            for _, n in _HEADLINE]  # fmt: skip
-
-    def cell(b, m, key):  # full precision is the same at any budget
-        rs = [r for r in rows if r["method"] == m and (
-              r["budget"] == b if m in _SEARCHED + ("uniform",)
-              else _score(r, key) is not None)
-              and r.get("fitness", "fid") == (fitness if m in _SEARCHED else "fid")]
-        v = _cells(rs[:1] if m.startswith("fp") else rs, key) if rs else "—"
-        return v + (f" ({len(rs)})" if len(rs) > 1 and v != "—" else "")
-
-    cells = [[label, *(cell(b, m, k) for b in budgets for k, _ in _HEADLINE)]
-             for m, label in _SUMMARY.items()]  # fmt: skip
-    return md_table(["10 DDIM steps", *head], cells) + (
-        f"\n\n*The `{fitness}` fitness (the default). FID in two evaluation nets "
-        "that no fitness sees (a ResNet classifier and a SimCLR net trained without "
-        "labels) of each method's best genome on 10k fresh samples against the test "
-        "split: mean ± standard deviation (seeds); every search spends the same "
-        "evaluations; — : not yet scored there. "
-        "`benchmarks/results/search_table.json`, rendered with every space, its "
-        "devices and commands in [docs/results.md](docs/results.md)*"
-    )
-
-
 def render_dit() -> str:
     """The DiT's full-precision FID against steps and guidance (two spaces)."""
     if not (d := _load("dit_fp.json")):
@@ -363,11 +197,6 @@ def render_dit() -> str:
     return "\n\n".join(out) + "\n\n" + note + _src(d, "dit_fp.json", "")[1:]
 
 
-def render_summary() -> str:
-    d = _load("search_table.json")
-    return summary_table(d, SearchConfig().fitness) if d else "Not yet measured: `benchmarks.search_table`."
-
-
 def render_search_front() -> str:
     """Issue 22: N searched under total-BitOPs budgets and one front; the table and
     docs/search_front.png, both from search_front.json."""
@@ -382,7 +211,8 @@ def render_search_front() -> str:
 def blocks() -> list[tuple]:
     """Every rendered block: (file, begin marker, end marker, renderer)."""
     results, perf = ROOT / "docs" / "results.md", ROOT / "docs" / "performance.md"
-    spec = [(README, "summary", render_summary), (results, "tables", render),
+    spec = [(README, "eval_cpu", render_eval_cpu),
+            (results, "tables", render),
             (results, "quant_uniform", render_quant_uniform),
             (results, "dit", render_dit),
             (results, "search_front", render_search_front),

@@ -68,7 +68,7 @@ def test_search_table_merge_keeps_each_rows_provenance(tmp_path):
     assert by_seed[0]["command"] == "cmd old" and by_seed[0]["device"] == "GPU-A"
     assert by_seed[1]["command"] == "cmd row" and by_seed[1]["fid_10k"] == 5.0
     text = search_table(table)
-    assert "4.00 ± 1.41 (2 seeds)" in text  # 3.0 and 5.0: the rerun row counts
+    assert "| fid | 2 | 4.00 ± 1.41 |" in text  # 3.0 and 5.0: the rerun row counts
     assert "GPU-A: every row but these; GPU-B: W6A6 joint (seed 1)" in text
     assert "2026-11-25 to 2026-11-26" in text
     # a merged table's rows without provenance do not all take its last part's

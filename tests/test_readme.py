@@ -129,4 +129,4 @@ def test_search_table_merge_keeps_parts_and_replaces_rerun_rows(tmp_path):
     got = [(r["seed"], r["fid_10k"]) for r in out["rows"]]
     assert got == [(0, 3.0), (1, 3.5), (2, 3.6)]
     text = search_table(out)
-    assert "3.37 ± 0.32 (3 seeds)" in text and "Not yet run at W6A6: precision" in text
+    assert "| fid | 3 | 3.37 ± 0.32 |" in text and "Not yet run: precision, fid (seed 0, 1, 2)" in text
