@@ -23,25 +23,28 @@ import numpy as np
 
 from benchmarks.common import provenance, write_json
 from benchmarks.search_table import _run_config
-from tmpq_jax.quant.supernet import QuantBits
+from tmpq_jax.genome_file import genome_from_dict
 from tmpq_jax.search import prepare
 from tmpq_jax.search.outputs import rescore
 
 
 def genome_of(setup, row: dict) -> np.ndarray:
     """The row's genome in the joint space of `setup`, checked to decode back."""
-    names = list(setup.registry.names)
-    if sorted(row["layers"]) != sorted(names):
-        raise ValueError(f"{row['method']} seed {row['seed']}: layers differ")
-    w = np.array([row["layers"][n]["w_bits"] for n in names], np.int32)
-    a = np.array([row["layers"][n]["a_bits"] for n in names], np.int32)
-    g = setup.space.encode(row["timesteps"], QuantBits(w, a))
-    d = setup.space.decode(g)
-    same = list(np.asarray(d.timesteps)) == list(row["timesteps"])
-    same &= bool((np.asarray(d.bits.w_bits) == w).all())
-    if not (same and (np.asarray(d.bits.a_bits) == a).all()):
-        raise ValueError(f"{row['method']} seed {row['seed']}: genome not rebuilt")
-    return g
+    where = f"{row['budget']} {row['method']} seed {row['seed']}"
+    g = genome_from_dict(
+        row, setup.registry, setup.space.candidates,
+        setup.lm.diffusion.num_timesteps, where,
+    )  # fmt: skip
+    genome = setup.space.encode(g.timesteps, g.bits)
+    d = setup.space.decode(genome)
+    for got, want in zip(
+        (d.timesteps, d.bits.w_bits, d.bits.a_bits),
+        (g.timesteps, g.bits.w_bits, g.bits.a_bits),
+        strict=True,
+    ):
+        if not np.array_equal(np.asarray(got), np.asarray(want)):
+            raise ValueError(f"{where}: the genome does not decode back")
+    return genome
 
 
 def rescore_rows(rows, budget: str, root: Path, overrides=(), model: str = "unet"):

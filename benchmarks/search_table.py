@@ -120,6 +120,9 @@ def _uniform_row(setup, ev: Evaluator) -> dict:
 
 
 def run_row(method, budget, seed, root: Path, overrides, model="unet") -> dict:
+    # DDIM's uniform steps mean nothing to a flow model
+    if method == "fp_uniform" and model != "unet":
+        raise SystemExit("fp_uniform is DDIM's uniform schedule: for the DiT use fp.")
     run = _run_config(budget, method, seed, overrides, model)
     t0 = time.perf_counter()
     budget_total = None

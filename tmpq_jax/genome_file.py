@@ -216,6 +216,18 @@ def read_genome(
     if pick is not None:
         d = pick_from_front(d, pick, where)
         where = f"{where} (the front's point of {d['total_bitops']:.4g} BitOPs)"
+    return genome_from_dict(d, registry, candidates, num_timesteps, where)
+
+
+def genome_from_dict(
+    d: dict,
+    registry: LayerRegistry,
+    candidates: Sequence[int] | None = None,
+    num_timesteps: int = 1000,
+    where: str = "genome",
+) -> Genome:
+    """`read_genome`'s checks on a genome already loaded (a result file's dict, or
+    a results-table row with `timesteps` and `layers`)."""
     if candidates is None:
         if "candidates" not in d:
             raise UserError(
