@@ -18,10 +18,10 @@ def _src(d: dict, name: str, sep: str = ",") -> str:
     )
 
 
-_LABELS = {"fp": "full precision (W32A32), quad steps",
+_LABELS = {"fp": "full precision (W32A32), {steps}",
            "fp_uniform": "full precision, uniform steps (the best fixed schedule)",
-           "uniform": "uniform {w} + quad steps (the seed genome)",
-           "precision": "precision-only search (quad steps fixed)",
+           "uniform": "uniform {w} + {steps} (the seed genome)",
+           "precision": "precision-only search ({steps} fixed)",
            "timesteps": "timestep-only search (uniform {w} fixed)",
            "random": "random search, same evaluations",
            "joint": "**joint search**"}  # fmt: skip
@@ -69,6 +69,7 @@ def search_table(d: dict) -> str:
         cands = "{8,7,6,5}" if budget == "w6a6" else "{8,7,6,5,4}"
         gbitops = rows[0]["budget_bitops"] / 1e9
         what = "UNet, DDIM" if model == "unet" else "DiT, Euler, guidance 1.5"
+        steps = "quad steps" if model == "unet" else "the shifted grid"  # the seed's
         out.append(f"**{what}.** Budget: total BitOPs of uniform {w} at 10 steps "
                    f"({gbitops:.1f} GBitOPs per image), bits {cands}.")  # fmt: skip
         cells, missing = [], []
@@ -87,7 +88,8 @@ def search_table(d: dict) -> str:
                     )
                 if not rs:
                     continue
-                cells.append([_LABELS[method].format(w=w), fitness, len(rs)])
+                label = _LABELS[method].format(w=w, steps=steps)
+                cells.append([label, fitness, len(rs)])
                 cells[-1] += [_cells(rs, k) for k, _ in _SCORES]
                 cells[-1] += [_mean_std([r["bitops"] / 1e9 for r in rs], False)]
                 cells[-1].append(rs[0]["evaluations"])
@@ -111,6 +113,9 @@ def search_table(d: dict) -> str:
     return "\n".join(out) + "\n" + legend + "\n\n" + _search_sources(d)
 
 
+_MODEL = {"unet": "", "dit": "DiT "}
+
+
 def _search_sources(d: dict) -> str:
     """The table's footer: which device ran which rows, the dates, the commands
     (rows carry their own; a table from before they did names its parts')."""
@@ -119,7 +124,7 @@ def _search_sources(d: dict) -> str:
         return _src(d, "search_table.json", ";")
     by_device: dict[str, dict] = {}
     for r in rows:
-        key = (r["budget"].upper(), r["method"])
+        key = (_MODEL[r.get("model", "unet")] + r["budget"].upper(), r["method"])
         by_device.setdefault(r["device"], {}).setdefault(key, []).append(r["seed"])
     # the device that ran most rows is "the rest"; the others list their rows
     order = sorted(by_device, key=lambda dev: -sum(map(len, by_device[dev].values())))
@@ -133,9 +138,22 @@ def _search_sources(d: dict) -> str:
     dates = sorted({r["date"][:10] for r in rows})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     return (f"*{devices}; {when}; each row one `python -m benchmarks.search_table "
-            "--budget B --methods M --seeds S` (the JSON gives each row's device, "
-            "command and date, or where its `provenance_note` says so, its part "
-            "file's date) → `benchmarks/results/search_table.json`*")  # fmt: skip
+            "--model MODEL --budget B --methods M --seeds S` (the JSON gives each "
+            "row's device, command and date, or where its `provenance_note` says "
+            "so, its part file's date)" + _rescore_source(rows) +
+            " → `benchmarks/results/search_table.json`*")  # fmt: skip
+
+
+def _rescore_source(rows: list[dict]) -> str:
+    """Rows scored again in the evaluation spaces after their search."""
+    rs = [r for r in rows if "rescore_command" in r]
+    if not rs:
+        return ""
+    devices = ", ".join(sorted({r["rescore_device"] for r in rs}))
+    dates = ", ".join(sorted({r["rescore_date"][:10] for r in rs}))
+    cmds = "; ".join(f"`{c}`" for c in sorted({r["rescore_command"] for r in rs}))
+    return (f"; {len(rs)} searched rows scored again in every space on the same "
+            f"noise ({devices}, {dates}): {cmds}")
 
 
 _SUMMARY = {"fp": "full precision, quad steps",
