@@ -9,7 +9,9 @@ fresh samples (TMPQ-DM re-scores its top 10).
 the shifted grid, guidance 1.5) into `search_table_dit_<budget>.json`.
 Rows: full precision 10-step quad; uniform bits + quad (the seed genome); the
 precision-only search (quad steps fixed); the timestep-only search (uniform bits
-fixed); random search with the same number of evaluations; the joint search.
+fixed); random search with the same number of evaluations; the joint search;
+`timesteps_fp`, the float model with its timesteps searched (AutoDiffusion's
+setting, at full precision's BitOPs).
 Budgets: `w6a6` (the paper's, bits {8,7,6,5}) and `w4a8` (bits {8,7,6,5,4}).
 Each search runs `tmpq search` in `--workdir-root/<model>/<budget>/<method>_s<seed>`
 (resumable) from `configs/fmnist_search.py` plus `--override`s. Rerunning the
@@ -58,6 +60,12 @@ METHODS = {
     "precision": ["search.space=precision"],
     "timesteps": ["search.space=timesteps"],
     "random": ["search.strategy=random"],
+    # the float model, its timesteps searched (the budget: its own 32-bit cost)
+    "timesteps_fp": [
+        "search.space=timesteps_fp",
+        "search.budget_w_bits=32",
+        "search.budget_a_bits=32",
+    ],
     "joint_penalty": ["search.constraint=penalty"],
 }
 

@@ -2,6 +2,8 @@
 (train split, teacher) and what it reports (test split, evaluation nets), on a
 tiny UNet with untrained tiny feature nets; and the grouped search config."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,14 +13,18 @@ from tmpq_jax.cli import main
 from tmpq_jax.config import load_config
 from tmpq_jax.diffusion.schedules import DiffusionConfig
 from tmpq_jax.errors import UserError
+from tmpq_jax.genome_file import genome_from_dict, genome_to_dict
 from tmpq_jax.metrics import fid
 from tmpq_jax.metrics.classifier import Classifier, ClassifierConfig
 from tmpq_jax.metrics.feature_net import FeatureNet
 from tmpq_jax.metrics.reference import sqrtm_psd64
 from tmpq_jax.quant import unet_registry
+from tmpq_jax.quant.supernet import QuantBits
 from tmpq_jax.sampling import LoadedModel
 from tmpq_jax.search import SearchConfig, SearchRunConfig, build_setup
+from tmpq_jax.search import budget as budget_lib
 from tmpq_jax.search.config import EvolutionConfig, default_configdict
+from tmpq_jax.search.fitness import teacher_samples
 from tmpq_jax.search.outputs import rescore_and_select
 
 CPU = "configs/fmnist_search_cpu.py"
@@ -215,3 +221,47 @@ def test_config_groups_one_source_of_defaults():
     assert run.search.conv_dtype == "bfloat16" and run.calib_reconstruct_steps == 50
     assert run.search.scoring.fitness == "teacher" and run.eval_nets == ("a", "b")
     assert set(default_configdict().search.keys()) == set(SearchConfig().to_dict())
+
+
+def test_timesteps_fp_searches_times_on_the_float_model(parts):
+    """AutoDiffusion's setting: only time genes move, the float model samples,
+    every genome costs the float model's 32 x 32 bits a MAC."""
+    lm, reg, _, _ = parts
+    setup = _setup(parts, space="timesteps_fp", budget_w_bits=32, budget_a_bits=32)
+    space, problem, a = setup.space, setup.engine.problem, setup.assets
+    assert space.candidates == (32,)
+    assert space.searched[: space.num_steps].any()
+    assert not space.searched[space.num_steps :].any()
+    g = jnp.asarray(space.seed)
+    ts = space.decode(g).timesteps
+    got = np.clip(np.asarray(jax.jit(problem.sample)(a, g, a.noise, a.labels)), -1, 1)
+    want = teacher_samples(lm.model, lm.params, lm.sched, a.noise, ts, labels=a.labels)
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-4)  # XLA fusions
+    w8 = _setup(parts, space="timesteps", seed_w_bits=8, seed_a_bits=8,
+                budget_w_bits=8, budget_a_bits=8)  # fmt: skip
+    q = np.asarray(jax.jit(w8.engine.problem.sample)(w8.assets, g * 0 + w8.space.seed,
+                                                      a.noise, a.labels))  # fmt: skip
+    assert np.abs(np.clip(q, -1, 1) - got).max() > 1e-3  # the W8A8 model is not it
+    total = float(budget_lib.genome_cost(space, reg, g)[0])
+    assert total == pytest.approx(budget_lib.budget_bitops(reg, 32, 32, 2), rel=1e-6)
+    with pytest.raises(UserError, match="budget_w_bits=32 and search.budget_a_bits"):
+        budget_lib.check_budget(space, reg, budget_lib.budget_bitops(reg, 8, 8, 2))
+
+
+def test_full_precision_genome_file_round_trips_and_is_refused_unflagged(parts):
+    _, reg, _, _ = parts
+    bits = QuantBits.uniform(reg, 32, 32)
+    d = json.loads(json.dumps(genome_to_dict([100, 600], bits, reg, (8,),
+                                             full_precision=True)))  # fmt: skip
+    assert d["full_precision"] is True and d["candidates"] == [32]
+    assert {(v["w_bits"], v["a_bits"]) for v in d["layers"].values()} == {(32, 32)}
+    g = genome_from_dict(d, reg)
+    assert np.all(np.asarray(g.bits.a_bits) == 32) and list(g.timesteps) == [100, 600]
+    with pytest.raises(UserError, match="every layer at 32 bits"):
+        genome_to_dict([100], QuantBits.uniform(reg, 8, 8), reg, (8,),
+                       full_precision=True)  # fmt: skip
+    del d["full_precision"]  # 32 is no candidate width of a quantized genome
+    with pytest.raises(UserError, match="candidate bit-widths"):
+        genome_from_dict(d, reg)
+    with pytest.raises(UserError, match="space='timesteps_fp' and timestep_mode"):
+        SearchConfig(space="timesteps_fp", objective="front")

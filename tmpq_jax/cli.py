@@ -394,6 +394,12 @@ def cmd_export(args, overrides) -> int:
     lm, genome = load_genome_model(
         args.genome, args.checkpoint, args.calibration, model_spec=args.model
     )
+    if genome.meta.get("full_precision"):
+        raise UserError(
+            f"{args.genome} is a full-precision genome (timesteps searched on the "
+            "float model): there is nothing to quantize; sample it with "
+            "`tmpq sample --genome`."
+        )
     if args.format == "aqt":
         from tmpq_jax.quant.export import save_quantized
 

@@ -19,6 +19,10 @@ A front search's `front.json` is such a file (its best point) with every point o
 the front, each a genome object of its own, under `"front"`; `read_genome(...,
 pick=BITOPS)` reads the point with the most total BitOPs at or below BITOPS.
 
+A genome searched on the float model (`space=timesteps_fp`) has
+`"full_precision": true`, `"candidates": [32]` and every layer at 32 bits; it is
+sampled with the float model and has no calibration.
+
 The left operand of an attention `av` matmul is the softmax output, pinned at 8 bits
 (`registry.pinned_lhs_bits`): its `a_bits` gene is inert. It is written as the pinned
 width and, on reading, any value there is accepted and mapped to a valid candidate.
@@ -94,6 +98,7 @@ def genome_to_dict(
     model_fingerprint: str | None = None,
     model: str | None = None,
     num_timesteps: int = 1000,
+    full_precision: bool = False,
     **extra,
 ) -> dict:
     """The file's JSON object for a concrete genome (bits int32[L] per field), with
@@ -101,9 +106,19 @@ def genome_to_dict(
     `extra` keys (fid, generation, ...) are stored as given (JSON-serialisable).
 
     `timesteps` may repeat a step (the sampler's no-op padding, `t_i == t_{i+1}`):
-    only the distinct steps are written, which sample identically."""
-    cands = check_candidates(candidates)
-    check_bits(bits, registry, cands)
+    only the distinct steps are written, which sample identically.
+    `full_precision`: searched timesteps on the float model (every layer at
+    `cost.FLOAT_BITS`), written with `"full_precision": true`."""
+    if full_precision:
+        cands = (cost.FLOAT_BITS,)
+        if not (np.all(np.asarray(bits.w_bits) == cands[0])
+                and np.all(np.asarray(bits.a_bits) == cands[0])):  # fmt: skip
+            raise UserError(
+                f"a full-precision genome has every layer at {cands[0]} bits."
+            )
+    else:
+        cands = check_candidates(candidates)
+        check_bits(bits, registry, cands)
     ts = [int(t) for t in np.asarray(timesteps).reshape(-1).tolist()]
     if any(b < a for a, b in zip(ts, ts[1:], strict=False)):
         raise UserError(
@@ -113,7 +128,10 @@ def genome_to_dict(
     w, a = np.asarray(bits.w_bits), np.asarray(bits.a_bits)
     pinned = registry.pinned_lhs_bits
     layers = {
-        name: {"w_bits": int(w[i]), "a_bits": int(pinned[i] or a[i])}
+        name: {
+            "w_bits": int(w[i]),
+            "a_bits": int(a[i] if full_precision else pinned[i] or a[i]),
+        }
         for i, name in enumerate(registry.names)
     }
     per_step = float(cost.bitops_per_step(bits, registry))
@@ -128,6 +146,7 @@ def genome_to_dict(
         "bitops_per_step": per_step,
         "total_bitops": per_step * len(ts),
         "size_bits": float(cost.model_size_bits(bits, registry)),
+        **({"full_precision": True} if full_precision else {}),
         **extra,
     }
 
@@ -228,7 +247,9 @@ def genome_from_dict(
 ) -> Genome:
     """`read_genome`'s checks on a genome already loaded (a result file's dict, or
     a results-table row with `timesteps` and `layers`)."""
-    if candidates is None:
+    if d.get("full_precision") is True:  # the float model: nothing to calibrate
+        cands = (cost.FLOAT_BITS,)
+    elif candidates is None:
         if "candidates" not in d:
             raise UserError(
                 f"{where}: no 'candidates' list; write it with write_genome."

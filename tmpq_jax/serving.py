@@ -80,12 +80,13 @@ def load_genome_model(
     model: LoadedModel | None = None,
     model_spec: str | None = None,
     pick: float | None = None,
-) -> tuple[ServedModel, Genome]:
+) -> tuple[LoadedModel, Genome]:
     """Reads a genome file, loads the model (the one in hand as `model`, e.g.
     `LoadedModel.from_module`; else `checkpoint` or the factory `model_spec`; else
     the one the genome names, or the shipped one) and the calibration, refuses
-    mismatches, and CONVERTs: (ServedModel, Genome). `pick`: a front file's point
-    closest to (at or below) these total BitOPs."""
+    mismatches, and CONVERTs: (ServedModel, Genome); a full-precision genome
+    (`space=timesteps_fp`) gets the float model itself. `pick`: a front file's
+    point closest to (at or below) these total BitOPs."""
     from tmpq_jax.genome_file import _load_json
     from tmpq_jax.user_model import load_source, resolve_model
 
@@ -108,6 +109,8 @@ def load_genome_model(
     genome = read_genome(
         genome_path, reg, num_timesteps=lm.diffusion.num_timesteps, pick=pick
     )
+    if genome.meta.get("full_precision"):  # searched timesteps, the float model
+        return lm, genome
     calib = resolve_calibration(
         genome.meta.get("calibration"), genome_path, calibration
     )

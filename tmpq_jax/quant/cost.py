@@ -22,11 +22,17 @@ from tmpq_jax.quant.coverage import float_bitops
 from tmpq_jax.quant.registry import LayerRegistry
 from tmpq_jax.quant.supernet import QuantBits
 
+# A layer left in float (a full-precision genome, `space=timesteps_fp`) counts as
+# 32 x 32 bits, softmax output included: nothing of it is quantized.
+FLOAT_BITS = 32
+
 
 def layer_bitops(bits: QuantBits, registry: LayerRegistry) -> jax.Array:
     """BitOPs per layer per sample and step: float32[..., L]."""
     pinned = jnp.asarray(registry.pinned_lhs_bits)
-    left = jnp.where(pinned > 0, pinned, bits.a_bits).astype(jnp.float32)
+    quantized = jnp.asarray(bits.a_bits) < FLOAT_BITS
+    left = jnp.where((pinned > 0) & quantized, pinned, bits.a_bits)
+    left = left.astype(jnp.float32)
     right = jnp.asarray(bits.w_bits, jnp.float32)
     macs = jnp.asarray(registry.macs, jnp.float32)
     return macs * left * right

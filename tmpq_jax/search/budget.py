@@ -48,10 +48,13 @@ def check_budget(space: GenomeSpace, registry: LayerRegistry, budget: float) -> 
     """Refuses, before any work, a budget that no genome of the box can meet."""
     floor = min_bitops(space, registry)
     if not cost.within_budget(floor, budget):
+        fix = f"raise the budget to at least {floor:.4g} or add lower candidate widths"
+        if space.candidates == (cost.FLOAT_BITS,):  # space=timesteps_fp
+            fix = (f"the float model costs {cost.FLOAT_BITS} x {cost.FLOAT_BITS} bits "
+                   "a MAC: set search.budget_w_bits=32 and search.budget_a_bits=32")  # fmt: skip
         raise UserError(
             f"BitOPs budget {budget:.4g} is below the cheapest genome of this search "
-            f"space ({floor:.4g}); raise the budget to at least {floor:.4g} or add "
-            "lower candidate widths."
+            f"space ({floor:.4g}); {fix}."
         )
 
 

@@ -36,7 +36,9 @@ from tmpq_jax.errors import UserError
 from tmpq_jax.quant.supernet import DEFAULT_CANDIDATES, check_candidates
 
 TIMESTEP_MODES = ("grouped", "free", "variable")
-SPACES = ("joint", "precision", "timesteps")
+# timesteps_fp: the timesteps searched with the model in full precision (no layer
+# quantized: AutoDiffusion's setting, the float baseline of a timestep search).
+SPACES = ("joint", "precision", "timesteps", "timesteps_fp")
 CONSTRAINTS = ("repair", "penalty")
 CONV_DTYPES = ("float32", "bfloat16")
 # What a candidate is scored by (search/fitness.py): FID against the fitness net's
@@ -68,9 +70,9 @@ def _at_least(cfg, names, low: int) -> None:
 class GenomeConfig:
     """What is searched."""
 
-    space: str = (
-        "joint"  # joint | precision (quad steps fixed) | timesteps (bits fixed)
-    )
+    # joint | precision (quad steps fixed) | timesteps (bits fixed) | timesteps_fp
+    # (the float model; a budget it can meet: budget_w_bits = budget_a_bits = 32)
+    space: str = "joint"
     timestep_mode: str = (
         "grouped"  # grouped (one step per quad group) | free | variable
     )
@@ -318,12 +320,12 @@ class SearchConfig:
         """Checks across groups (each group checks its own settings)."""
         if (
             self.objective == "front"
-            and self.space == "timesteps"
+            and self.space in ("timesteps", "timesteps_fp")
             and self.timestep_mode != "variable"
         ):
             raise UserError(
                 "search.objective='front' has one objective here: with "
-                f"space='timesteps' and timestep_mode={self.timestep_mode!r} every "
+                f"space={self.space!r} and timestep_mode={self.timestep_mode!r} every "
                 "genome costs the same BitOPs; search bits (space=joint or precision) "
                 "or the step count (timestep_mode=variable), or use objective=single."
             )

@@ -126,6 +126,7 @@ class Problem:
     fitness: str = "fid"  # fid | ensemble | teacher (see the module doc)
     teacher_feature_weight: float = 1.0
     sampler: Any = DDIM()  # search/sampler.py: DDIM, or Flow for velocity models
+    full_precision: bool = False  # space=timesteps_fp: the float model, no bits
 
     def sample(
         self, assets: Assets, genome: jax.Array, x_T: jax.Array, labels=None
@@ -133,10 +134,26 @@ class Problem:
         """Images of one genome from x_T (unclipped x_0); `labels`: the rows'
         classes (a class-conditional model only)."""
         d = self.space.decode(genome)
-        check_bits(d.bits, self.registry, self.candidates)
-        # CONVERT once per genome, outside the step scan: every step then reads the
-        # frozen int8 kernels (SERVE), bit for bit the fake-quant path's output.
-        qmodel = export.freeze(assets.params, self.registry, d.bits, assets.qparams)
+        if self.full_precision:  # the float model, as the teacher runs it
+            params = assets.params
+            model_fn = lambda x, t, *y: self.model.apply({"params": params}, x, t, *y)  # noqa: E731
+        else:
+            model_fn = self._served_fn(assets, d.bits)
+
+        def run(xy):
+            x, y = xy
+            return self.sampler(
+                model_fn, x, d.timesteps, assets.sched, y, assets.guidance
+            )
+
+        return map_in_chunks(run, (x_T, labels), self.sample_chunk)
+
+    def _served_fn(self, assets: Assets, bits):
+        """(x, t, *y) -> the genome's int8 model. CONVERT once per genome, outside
+        the step scan: every step then reads the frozen int8 kernels (SERVE), bit
+        for bit the fake-quant path's output."""
+        check_bits(bits, self.registry, self.candidates)
+        qmodel = export.freeze(assets.params, self.registry, bits, assets.qparams)
 
         def model_fn(x, t, *y):
             return export.serve_apply(
@@ -149,13 +166,7 @@ class Problem:
                 conv_dtype=self.conv_dtype,
             )
 
-        def run(xy):
-            x, y = xy
-            return self.sampler(
-                model_fn, x, d.timesteps, assets.sched, y, assets.guidance
-            )
-
-        return map_in_chunks(run, (x_T, labels), self.sample_chunk)
+        return model_fn
 
     @functools.cached_property
     def jitted_sample(self):

@@ -186,6 +186,7 @@ def _genome_entry(setup: Setup, t: dict, i: int, **extra) -> dict:
         bits,
         setup.registry,
         setup.run.search.candidates,
+        full_precision=setup.run.search.space == "timesteps_fp",
         calibration=_portable(setup.calibration_path),
         model_fingerprint=model_fingerprint(setup.lm.card),
         model=getattr(setup.lm, "source", None),

@@ -241,7 +241,9 @@ def prepare_model(
         ensemble = tuple(load_net(p, lm, "fitness") for p in paths)
     eval_paths = run.eval_nets if run.eval_nets is not None else default_eval_nets(lm)
     evals = tuple(load_net(p, lm, "evaluation") for p in eval_paths)
-    qparams, calib_path = resolve_qparams(run, lm, registry, workdir, progress)
+    qparams, calib_path = None, None  # a float search quantizes nothing
+    if cfg.space != "timesteps_fp":
+        qparams, calib_path = resolve_qparams(run, lm, registry, workdir, progress)
     return build_setup(
         run, lm, registry, qparams, calib_path, net, stats,
         ensemble=ensemble, eval_nets=evals,
@@ -425,6 +427,7 @@ def build_setup(
         fitness=cfg.fitness,
         teacher_feature_weight=cfg.teacher_feature_weight,
         sampler=sampler,
+        full_precision=cfg.space == "timesteps_fp",
     )
     assets = sharding.replicate(assets, mesh)
     engine = Engine(cfg, problem, make_strategy(cfg, space), budget, mesh)

@@ -10,7 +10,8 @@ Gene j takes integer values in [lo[j], hi[j]). Layout (N = num_steps, L = layers
 * bit genes are indices into `candidates` sorted high to low, so index + 1 is one
   width lower (what the repair operator does).
 A frozen gene has hi = lo + 1: the precision-only space freezes the timesteps at
-the quad schedule, the timestep-only space freezes the bits at the seed widths; the
+the quad schedule, the timestep-only space freezes the bits at the seed widths (at
+32, `FLOAT_BITS`, in `timesteps_fp`: the model runs in float); the
 `av` softmax gene (pinned at 8 bits) is frozen at index 0. So every strategy sees
 one box and never needs to know which genes matter.
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from tmpq_jax.diffusion.flow import flow_gene_groups
 from tmpq_jax.diffusion.schedules import quad_group_bounds, quad_timesteps
+from tmpq_jax.quant.cost import FLOAT_BITS
 from tmpq_jax.quant.registry import LayerRegistry
 from tmpq_jax.quant.supernet import QuantBits
 from tmpq_jax.search.config import SearchConfig
@@ -92,12 +94,15 @@ class GenomeSpace:
                 grid = quad_timesteps(k, T)
             quad = np.concatenate([grid, np.full(n - k, grid[-1])]).astype(np.int32)
             n_gene = [(cfg.min_steps, n + 1, k)]
-        seed_bits = QuantBits.uniform(registry, cfg.seed_w_bits, cfg.seed_a_bits)
+        seed_w, seed_a = cfg.seed_w_bits, cfg.seed_a_bits
+        if cfg.space == "timesteps_fp":  # every layer in float: 32 bits, one value
+            cands, seed_w, seed_a = (FLOAT_BITS,), FLOAT_BITS, FLOAT_BITS
+        seed_bits = QuantBits.uniform(registry, seed_w, seed_a)
         w_seed = np.array([cands.index(int(b)) for b in np.asarray(seed_bits.w_bits)])
         a_seed = np.array([cands.index(int(b)) for b in np.asarray(seed_bits.a_bits)])
         pinned = registry.pinned_lhs_bits > 0
         a_seed = np.where(pinned, 0, a_seed)
-        if cfg.space == "timesteps":
+        if cfg.space in ("timesteps", "timesteps_fp"):
             w_lo, w_hi = w_seed, w_seed + 1
             a_lo, a_hi = a_seed, a_seed + 1
         else:
