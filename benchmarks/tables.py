@@ -189,9 +189,14 @@ def render_dit() -> str:
         head = [f"FID ({space})", *(f"guidance {g:g}" for g in scales)]
         out.append(md_table(head, rows))
     t = d["training"]
+    if t.get("train_wall_s_total") is None:  # a run on a model dir before its card
+        card = json.loads((ROOT / "checkpoints/fmnist_dit/card.json").read_text())
+        t = {k: card.get(k) for k in ("steps", "device", "train_wall_s_total")}
+    trained = (f"{t['steps']:,} training steps ({t['train_wall_s_total']:.0f} s on "
+               f"{t['device']}, `checkpoints/fmnist_dit/card.json`)")  # fmt: skip
     note = (
         f"*{d['params']:,} parameters, {d['gflop_per_image']:.2f} GFLOP per forward "
-        f"(guidance > 1 runs two), {t['steps']:,} training steps; "
+        f"(guidance > 1 runs two), {trained}; "
         f"{d['num_samples']} class-balanced samples per cell against the test split; "
     )
     return "\n\n".join(out) + "\n\n" + note + _src(d, "dit_fp.json", "")[1:]
