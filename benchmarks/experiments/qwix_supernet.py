@@ -9,7 +9,7 @@ how often does it compile, and how far is a Qwix-served genome from SERVE.
 3. `--unet`: the shipped UNet with its shipped calibration, uniform W8A8..W5A5
    (attention q.k at the same width, p.v's value at 8: what Qwix can serve), on
    8 noised test images: |Qwix - SERVE| and, beside it, |SERVE - float| and
-   |Qwix - float| (`quant/qwix_export.py`).
+   |Qwix - float| (the rows of `benchmarks/qwix_export.py`).
 
     python -m benchmarks.experiments.qwix_supernet [--unet]
 
@@ -23,7 +23,6 @@ import datetime
 import json
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +33,6 @@ import numpy as np
 
 from tmpq_jax.quant import QuantBits, build_registry, quantized_apply
 from tmpq_jax.quant import qwix_export as qx
-from tmpq_jax.quant import qwix_files as qf
-from tmpq_jax.quant.export import convert
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "qwix_supernet_cpu.json"
 GENOMES = 4
@@ -118,49 +115,17 @@ def compiles() -> dict:
 
 
 def unet_errors() -> list[dict]:
-    from tmpq_jax.data.loaders import load_fmnist, to_model_range
-    from tmpq_jax.quant.calibration import model_fingerprint
-    from tmpq_jax.quant.calibration_io import load_calibration
-    from tmpq_jax.quant.export import serve_apply
-    from tmpq_jax.sampling import load_model
+    """The shipped UNet with its shipped calibration: `benchmarks/qwix_export.py`'s
+    rows (8 noised test images), errors only."""
+    from benchmarks.qwix_export import compare, load, noised_batch
     from tmpq_jax.serving import SHIPPED_CALIBRATION
 
-    lm = load_model()
-    reg = lm.layer_registry()
-    cands = (8, 7, 6, 5)
-    qp, _ = load_calibration(
-        SHIPPED_CALIBRATION, reg, cands, model_fingerprint(lm.card)
-    )
-    x0 = jnp.asarray(to_model_range(load_fmnist("test").images[:8]))
-    t = jnp.asarray([5, 40, 120, 250, 400, 600, 800, 990], jnp.int32)
-    ab = lm.sched.alphas_cumprod[t][:, None, None, None]
-    x = jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * jax.random.normal(
-        jax.random.key(0), x0.shape
-    )
-    fp = lm.model.apply({"params": lm.params}, x, t)
+    lm, reg, qp, cands = load("unet", (), str(SHIPPED_CALIBRATION))
+    args, _ = noised_batch(lm, 8)
     rows = []
     for b in (8, 7, 6, 5):
-        w = [8 if layer.pinned_lhs_bits else b for layer in reg]
-        bits = QuantBits(jnp.asarray(w, jnp.int32), jnp.full(len(reg), b, jnp.int32))
-        qmodel = convert(lm.params, reg, bits, qp, cands)
-        ref = serve_apply(lm.model, qmodel, x, t, registry=reg)
-        export = qx.to_qwix(lm.model, qmodel, reg, lm.example_inputs(1))
-        path = qf.save_qwix_export(Path(tempfile.mkdtemp()) / "e", export)
-        qm, variables = qf.load_qwix_export(path, lm.model)
-        y = qm.apply(variables, x, t)
-        err = float(jnp.abs(y - ref).max())
-        rows.append(
-            dict(
-                model="fmnist_unet",
-                w_bits=b,
-                a_bits=b,
-                max_abs_err=err,
-                rel_err=err / float(jnp.abs(ref).max()),
-                mean_abs_err=float(jnp.abs(y - ref).mean()),
-                serve_vs_float_mean=float(jnp.abs(ref - fp).mean()),
-                qwix_vs_float_mean=float(jnp.abs(y - fp).mean()),
-            )
-        )
+        row = compare(lm.model, lm.params, reg, qp, cands, args, b, b, repeats=0)
+        rows.append(dict(model="fmnist_unet", **row))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -26,7 +26,9 @@ rounded; `docs/qwix.md`):
     rejects int4 x int4 dots;
   * an attention matmul quantizes both activations at one `act_qtype`: different
     widths (the softmax operand is held at 8), or two <= 4-bit ones, are refused,
-    or with `matmul_fallback="float"` served in float and reported;
+    or with `matmul_fallback="float"` served in float and reported, as is any
+    matmul that shares its module and op name with one of those (Flax's
+    `nn.MultiHeadDotProductAttention`: q.k and p.v are two einsums of one module);
   * dynamic activation ranges (Qwix's are per row, SERVE's per tensor), a weight
     that is not the right operand of an op of its own module, an op Qwix does
     not see, a module whose ops need different rules.
@@ -296,17 +298,35 @@ def _plan(entry: _Entry, registry, w_bits, a_bits, matmul_fallback: str) -> None
     entry.lhs_is_left = swapped == layer.swap
 
 
+def _groups(entries: Sequence[_Entry]) -> dict[tuple, list[_Entry]]:
+    """Entries by (module path, Qwix op name): what one Qwix rule matches."""
+    groups: dict[tuple, list[_Entry]] = {}
+    for e in entries:
+        groups.setdefault((e.op.path, e.op.op_name), []).append(e)
+    return groups
+
+
+def _float_shared(entries: Sequence[_Entry]) -> None:
+    """matmul_fallback="float": a module's matmuls that need different rules all
+    go to float. Flax's `nn.MultiHeadDotProductAttention` runs q.k and p.v as two
+    einsums of one module, and a Qwix rule cannot tell them apart, so a p.v
+    served in float (or at 8 bits beside a narrower q.k) takes q.k with it."""
+    for group in _groups(entries).values():
+        if len({e.rule for e in group}) > 1 and all(e.matmul for e in group):
+            for e in group:
+                if e.rule is not None:
+                    e.rule = None
+                    e.note = "float: its module's other matmul needs another rule"
+
+
 def _rules(entries: Sequence[_Entry], bounds: np.ndarray) -> list[dict]:
     """One rule (a JSON dict) per (module path, Qwix op name) holding quantized ops.
 
     A conv or dense op alone in its group also gets its calibrated activation
     range as `act_calibration_method="fixed,-b,b"` (Qwix's static range, which
     gives the scale the params hold); a matmul's two ranges live in the params."""
-    groups: dict[tuple, list[_Entry]] = {}
-    for e in entries:
-        groups.setdefault((e.op.path, e.op.op_name), []).append(e)
     rules = []
-    for (path, op_name), group in groups.items():
+    for (path, op_name), group in _groups(entries).items():
         kinds = {e.rule for e in group}
         if kinds == {None}:
             continue
@@ -315,7 +335,8 @@ def _rules(entries: Sequence[_Entry], bounds: np.ndarray) -> list[dict]:
                 f"layers {[e.name for e in group]} run {op_name} in module "
                 f"{path or '(root)'!r} at different widths (or some in float); a "
                 "Qwix rule matches a module and an op name, not one call: give them "
-                "one width, or export --format aqt."
+                "one width, pass --matmul-fallback float (attention matmuls), or "
+                "export --format aqt."
             )
         w, a = group[0].rule
         method = None
@@ -499,6 +520,8 @@ def to_qwix(
     w_bits, a_bits = np.asarray(qmodel.bits.w_bits), np.asarray(qmodel.bits.a_bits)
     for e in entries:
         _plan(e, registry, w_bits, a_bits, matmul_fallback)
+    if matmul_fallback == "float":
+        _float_shared(entries)
     bounds = np.asarray(qmodel.act_bound)
     rules = _rules(entries, bounds)
     provider = qwix.PtqProvider([make_rule(qwix, r) for r in rules])
