@@ -178,13 +178,28 @@ def summarize(raw: dict) -> dict:
 
 
 def add_paper_search(out: Path, table_file: Path) -> None:
-    """paper_search_wall_s from a search_table.json's joint W6A6 seed-0 row."""
+    """paper_search_wall_s from a search_table.json's joint W6A6 seed-0 row; with
+    `joint_race` rows, racing_search_wall_s and _fid_10k per seed, the full
+    protocol's FIDs of the same seeds beside them."""
     raw, table = json.loads(out.read_text()), json.loads(table_file.read_text())
-    key = lambda r: (r["method"], r["budget"], r["seed"])
-    rows = [r for r in table["rows"] if key(r) == ("joint", "w6a6", 0)]
-    raw["paper_search_wall_s"] = rows[-1]["wall_s"]
-    raw["paper_search"] = {k: table.get(k) for k in ("device", "date", "command")}
+    key = lambda r: (r["method"], r["budget"], r.get("fitness", "fid"))
+    of = lambda m: {r["seed"]: r for r in table["rows"] if key(r) == (m, "w6a6", "fid")}
+    full, race = of("joint"), of("joint_race")
+    raw["paper_search_wall_s"] = full[0]["wall_s"]
+    raw["paper_search"] = {k: full[0].get(k) for k in ROW_PROVENANCE}
+    if race:
+        seeds = sorted(race)
+        raw["racing_search_wall_s"] = [race[s]["wall_s"] for s in seeds]
+        raw["racing_search_fid_10k"] = [race[s]["fid_10k"] for s in seeds]
+        raw["full_search_fid_10k"] = [full[s]["fid_10k"] for s in seeds if s in full]
+        raw["racing_search"] = {"seeds": seeds, "protocol": race[seeds[0]]["protocol"],
+                                **{k: race[seeds[0]][k] for k in ROW_PROVENANCE}}  # fmt: skip
     write_json(out.name, summarize(raw), out.parent)
+
+
+ROW_PROVENANCE = ("device", "date", "command")
+RACING = ("racing_search_wall_s", "racing_search_fid_10k", "full_search_fid_10k",
+          "racing_search")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -231,7 +246,7 @@ def _resume(raw: dict, sections: dict, resume: str, only: set | None) -> None:
     chain = done.get("resumed_from") or []  # every earlier call's command
     chain = chain if isinstance(chain, list) else [chain]
     raw["resumed_from"] = [*chain, done.get("command")]
-    kept = ("paper_search_wall_s", "paper_search")  # not measured here
+    kept = ("paper_search_wall_s", "paper_search", *RACING)  # not measured here
     raw |= {k: done[k] for k in kept if k in done}
 
 

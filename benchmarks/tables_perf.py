@@ -18,8 +18,9 @@ def perf_table(d: dict) -> str:
     chain = d.get("resumed_from") or []
     chain = chain if isinstance(chain, list) else [chain]
     src = [f"`{c}`" for c in [*chain, d["command"]]]
-    if d.get("paper_search"):
-        src.append(f"`{d['paper_search']['command']}`")
+    for k in ("paper_search", "racing_search"):
+        if d.get(k):
+            src.append(f"`{d[k]['command']}`")
     src.append(f"`{d.get('vs_torch_eager_source', '')}`")
     parts.append(_footer(d, "; ".join(src), "perf.json"))
     return "\n\n".join(p for p in parts if p)
@@ -33,6 +34,16 @@ def _perf_targets(d: dict) -> str:
     if wall is not None:
         rows.append(["paper-protocol search <= 10 min", f"{wall / 60:.1f} min"])
         rows[-1].append(met(wall <= 600))
+    if race := d.get("racing_search_wall_s"):
+        fid, full = d["racing_search_fid_10k"], d.get("full_search_fid_10k") or []
+        what = "racing search <= 60 s, FID within the full protocol's seed spread"
+        got = (f"{max(race):.0f} s (slowest of {len(race)}); FID "
+               f"{', '.join(f'{f:.2f}' for f in fid)} against "
+               f"{', '.join(f'{f:.2f}' for f in full)}")  # fmt: skip
+        inside = len(full) > 1 and min(full) <= sum(fid) / len(fid) <= max(full)
+        rows.append([what, got, met(max(race) <= 60 and inside)])
+    else:  # search_table --methods joint_race, then perf --search-table
+        rows.append(["racing search <= 60 s (`joint_race` rows)", "not yet run", ""])
     if q is not None:
         what = "quantized population evaluation >= 70% of full-precision throughput"
         rows.append([what, f"{100 * q:.0f}%", met(q >= 0.7)])
@@ -300,22 +311,41 @@ def render_perf_big() -> str:
             continue
         got = f"{100 * v:.0f}%" if unit == "%" else f"{v:.2f}x"
         got += f" ({d['served_best']})" if key == "served_vs_bf16" else ""
-        got += f" ({', '.join(d['torch_ways_measured'])})" if key == "dit_vs_torch_best" else ""
+        got += (
+            f" ({', '.join(d['torch_ways_measured'])})"
+            if key == "dit_vs_torch_best"
+            else ""
+        )
         rows.append([what, got, "met" if r["met"] else "**not met**"])
     parts = [md_table(["target (one H100)", "measured", ""], rows)]
     serve, lat = d.get("serve") or {}, d.get("latency") or {}
     modes = [k for k in ("bf16", "int8_w8a8", "fp8_e4m3") if k in serve]
     if modes:
         cell = lambda k: f"{1e3 * lat[k]['latency_s']:.1f} ms" if k in lat else "—"  # noqa: E731
-        head = [f"DiT serving, {serve['steps']} steps", f"images/s, batch {serve['batch']}", "latency, one image"]
-        parts.append(md_table(head, [[k, f"{serve[k]['images_per_s']:,.0f}", cell(k)] for k in modes]))
+        head = [
+            f"DiT serving, {serve['steps']} steps",
+            f"images/s, batch {serve['batch']}",
+            "latency, one image",
+        ]
+        parts.append(
+            md_table(
+                head, [[k, f"{serve[k]['images_per_s']:,.0f}", cell(k)] for k in modes]
+            )
+        )
     if "fp8" in d and d["fp8"] != "measured":
         parts.append(f"fp8: {d['fp8']}")
     if (m := d.get("memory") or {}).get("largest_chunk") is not None:
-        how = "compiled at chunks 1 and 2" if "chunks 1 and 2" in m["how"] else "estimated from the chunk-1 program"
+        how = (
+            "compiled at chunks 1 and 2"
+            if "chunks 1 and 2" in m["how"]
+            else "estimated from the chunk-1 program"
+        )
         parts.append(f"Memory (the DiT's population program, {m['samples']} samples a candidate, XLA's analysis, {how}): "
                      f"{m['bytes_per_candidate'] / 2**30:.2f} GiB a candidate, {m['fixed_bytes'] / 2**30:.2f} GiB fixed; "
                      f"the largest chunk that fits the device's {m['device_bytes'] / 2**30:.0f} GiB: {m['largest_chunk']}.")  # fmt: skip
-    sizes = ", ".join(f"{k} {v['params'] / 1e6:.0f}M params" for k, v in (d.get("models") or {}).items())
+    sizes = ", ".join(
+        f"{k} {v['params'] / 1e6:.0f}M params"
+        for k, v in (d.get("models") or {}).items()
+    )
     parts.append(_footer(d, f"{sizes}; `{d['command']}`", "perf_big.json"))
     return "\n\n".join(parts)
