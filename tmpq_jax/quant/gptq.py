@@ -28,6 +28,7 @@ a genome only selects the width's row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -52,16 +53,16 @@ ACT_ORDER = True  # inputs of largest Hessian diagonal first
 # The layer's input matrix X (rows: positions; columns: the weight's rows).
 
 
-def unweight_2d(w2d, kernel_shape, contracting) -> jax.Array:
+def unweight_2d(w2d, kernel_shape, contracting, xp=jnp) -> jax.Array:
     """Inverse of `ops.weight_2d`: [rows, C] back to a kernel of `kernel_shape`
-    (its free axes may be given another size C by `w2d`)."""
+    (its free axes may be given another size C by `w2d`); `xp`: jnp or np."""
     free = [a for a in range(len(kernel_shape)) if a not in contracting]
     lead = [kernel_shape[a] for a in contracting]
     tail = (
         list(jnp.shape(w2d)[1:]) if len(free) == 1 else [kernel_shape[a] for a in free]
     )
-    w = jnp.reshape(w2d, (*lead, *tail))
-    return jnp.transpose(w, np.argsort([*contracting, *free]))
+    w = xp.reshape(w2d, (*lead, *tail))
+    return xp.transpose(w, np.argsort([*contracting, *free]))
 
 
 def layer_inputs(layer: LayerInfo, call: intercept.OpCall) -> jax.Array | None:
@@ -152,7 +153,9 @@ def _inverse_hessian_factor(H: jax.Array, percdamp: float):
     diag = jnp.diag(H)
     dead = diag == 0
     H = jnp.where(dead & jnp.eye(n, dtype=bool), 1.0, H)
-    H = H + percdamp * jnp.mean(diag) * jnp.eye(n, dtype=H.dtype)
+    # the barrier keeps XLA from folding percdamp into the mean's 1/n under jit
+    # (one ulp off the eager arithmetic, enough to flip a rounding)
+    H = H + percdamp * lax.optimization_barrier(jnp.mean(diag)) * jnp.eye(n, dtype=H.dtype)
     Hinv = gptq_core.cholesky_inverse(jnp.linalg.cholesky(H))
     return jnp.linalg.cholesky(Hinv, upper=True), dead
 
@@ -191,25 +194,40 @@ def gptq_widths(w2d, H, clip, widths, percdamp=PERCDAMP, act_order=ACT_ORDER):
     with the per-channel min-MSE clip ratios `clip` [K, C] setting the grid.
     `act_order`: round the inputs of largest H diagonal first (the GPTQ
     reference's `--act-order`; Qwix 0.1.8 has no such option)."""
-    w2d, H = jnp.asarray(w2d, jnp.float32), jnp.asarray(H, jnp.float32)
+    # jit on even inside an intercept (which disables it): run eagerly, the
+    # column loop is one dispatch per op and column
+    with jax.disable_jit(False):
+        return _gptq_widths(
+            jnp.asarray(w2d, jnp.float32), jnp.asarray(H, jnp.float32),
+            jnp.asarray(clip, jnp.float32), jnp.asarray(widths, jnp.int32),
+            percdamp=float(percdamp), act_order=bool(act_order),
+        )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("percdamp", "act_order"))
+def _gptq_widths(w2d, H, clip, bits, *, percdamp, act_order):
+    """`gptq_widths` as one program per layer shape: the widths are vmapped
+    (traced bits), so K widths cost one compile, not K."""
     n = H.shape[0]
     perm = jnp.argsort(-jnp.diag(H)) if act_order else jnp.arange(n)
     Hinv, dead = _inverse_hessian_factor(H[perm][:, perm], percdamp)
-    out, clips = [], []
-    for k, b in enumerate(widths):
-        spec = numerics.WeightQuant(int(b), jnp.asarray(clip[k]))
-        _, scale = numerics.fake_quant_weight(w2d, spec)
-        scale = jnp.ravel(scale)
-        q = gptq_integers(w2d[perm].T, Hinv, dead, scale, jnp.int32(b)).T
-        q = q[jnp.argsort(perm)]
-        wq = q * scale
-        absmax = jnp.max(jnp.abs(wq), axis=0)
-        # the supernet's scale is absmax(W) x clip / (2**(b-1) - 0.5): pick the
-        # clip that brings it back to GPTQ's scale (absmax 0 counts as 1 there)
-        qb = 2.0 ** (int(b) - 1) - 0.5
-        clips.append(scale * qb / jnp.where(absmax == 0, 1.0, absmax))
-        out.append(wq)
-    return jnp.stack(out), jnp.stack(clips)
+    inv = jnp.argsort(perm)
+    return jax.vmap(lambda c, b: _one_width(w2d, Hinv, dead, perm, inv, c, b))(
+        clip, bits
+    )
+
+
+def _one_width(w2d, Hinv, dead, perm, inv, clip, bits):
+    """(dequantized weight [n, C], clip [C]) of one width (see `gptq_widths`)."""
+    _, scale = numerics.fake_quant_weight(w2d, numerics.WeightQuant(bits, clip))
+    scale = jnp.ravel(scale)
+    q = gptq_integers(w2d[perm].T, Hinv, dead, scale, bits).T[inv]
+    wq = q * scale
+    absmax = jnp.max(jnp.abs(wq), axis=0)
+    # the supernet's scale is absmax(W) x clip / (2**(b-1) - 0.5): pick the
+    # clip that brings it back to GPTQ's scale (absmax 0 counts as 1 there)
+    qb = numerics._pow2(bits - 1) - 0.5
+    return wq, scale * qb / jnp.where(absmax == 0, 1.0, absmax)
 
 
 def output_error(w2d, wq2d, H) -> float:
@@ -245,12 +263,11 @@ def gptq_qparams(
             continue
         w2d, clip = weights[i], np.asarray(qparams.w_clip[i])
         hs = [h.get(i) for h in halves]
-        wq, new_clip, rtn = _layer(w2d, hs, clip, qparams.bit_widths, percdamp)
+        wq, new_clip, rtn, r = _layer(w2d, hs, clip, qparams.bit_widths, percdamp)
         kernels.append(_kernels(wq, layer))
-        clips.append(new_clip)
-        if hs[0] is not None:
-            H = (hs[0] + hs[1]) / 2
-            ratios[layer.name] = _error_ratios(w2d, wq, H, clip, qparams.bit_widths)
+        clips.append(jnp.asarray(new_clip))
+        if r is not None:
+            ratios[layer.name] = r
         if rtn:
             kept[layer.name] = rtn
     qp = qparams.replace(w_kernel=tuple(kernels), w_clip=tuple(clips))
@@ -259,40 +276,51 @@ def gptq_qparams(
 
 
 def _layer(w2d, hs, clip, widths, percdamp):
-    """(f32[K, n, C] weights, f32[K, C] clips, widths kept at RTN) of one layer.
-    A width keeps round-to-nearest (the model's weight, min-MSE clip) where GPTQ
-    fitted on one half of the Hessian rows does worse than RTN on the other
-    half (e.g. the time embedding, seen at few timesteps); else GPTQ on all."""
+    """(f32[K, n, C] weights, f32[K, C] clips, widths kept at RTN, per width GPTQ's
+    output error over RTN's on both halves or None) of one layer. A width keeps
+    round-to-nearest (the model's weight, min-MSE clip) where GPTQ fitted on one
+    half of the Hessian rows does worse than RTN on the other half (e.g. the time
+    embedding, seen at few timesteps); else GPTQ on all."""
     k = len(widths)
-    w = jnp.broadcast_to(jnp.asarray(w2d), (k, *w2d.shape))
+    w = np.broadcast_to(np.asarray(w2d, np.float32), (k, *np.shape(w2d)))
     if hs[0] is None:  # GPTQ does not apply: the model's weight at every width
-        return w, jnp.asarray(clip), list(widths)
-    fit, _ = gptq_widths(w2d, hs[0], clip, widths, percdamp)
-    held_out = _error_ratios(w2d, fit, hs[1], clip, widths)
-    wq, new_clip = gptq_widths(w2d, (hs[0] + hs[1]) / 2, clip, widths, percdamp)
-    use = jnp.asarray([r < 1.0 for r in held_out])
-    wq = jnp.where(use[:, None, None], wq, w)
-    new_clip = jnp.where(use[:, None], new_clip, jnp.asarray(clip))
-    return (
-        wq,
-        new_clip,
-        [int(b) for b, r in zip(widths, held_out, strict=True) if r >= 1.0],
-    )
+        return w, np.asarray(clip), list(widths), None
+    held, wq, new_clip, full = jax.device_get(
+        _layer_fit(w2d, hs[0], hs[1], clip, np.asarray(widths, np.int32),
+                   percdamp=float(percdamp))
+    )  # fmt: skip
+    ratio = lambda e: [float(g) / max(float(r), 1e-30) for g, r in zip(*e, strict=True)]
+    use = np.asarray([r < 1.0 for r in ratio(held)])
+    wq = np.where(use[:, None, None], wq, w)
+    new_clip = np.where(use[:, None], new_clip, np.asarray(clip))
+    # a kept width is the model's weight: no output error of its own
+    ratios = [r if u else 0.0 for r, u in zip(ratio(full), use, strict=True)]
+    return wq, new_clip, [int(b) for b, u in zip(widths, use, strict=True) if not u], ratios
+
+
+@functools.partial(jax.jit, static_argnames=("percdamp",))
+def _layer_fit(w2d, h_fit, h_held, clip, bits, *, percdamp):
+    """One program per layer shape: ((GPTQ's, RTN's) output error on `h_held` of
+    GPTQ fitted on `h_fit`), GPTQ on both halves (weights, clips) and its
+    (GPTQ's, RTN's) output error there; per width."""
+    fit = lambda H: _gptq_widths(w2d, H, clip, bits, percdamp=percdamp,
+                                 act_order=ACT_ORDER)  # fmt: skip
+    rtn = jax.vmap(lambda c, b: numerics.fake_quant_weight(
+        w2d, numerics.WeightQuant(b, c))[0])(clip, bits)  # fmt: skip
+    err = lambda wq, H: jax.vmap(lambda v: _output_error(w2d, v, H))(wq)
+    H = (h_fit + h_held) / 2
+    wq, new_clip = fit(H)
+    held = (err(fit(h_fit)[0], h_held), err(rtn, h_held))
+    return held, wq, new_clip, (err(wq, H), err(rtn, H))
+
+
+def _output_error(w2d, wq2d, H):
+    d = wq2d - w2d
+    return jnp.sum(d * (H @ d))
 
 
 def _kernels(w2d_k, layer: LayerInfo) -> jax.Array:
-    """f32[K, *kernel_shape] from per-width [K, n, C] weights."""
-    un = lambda w: unweight_2d(w, layer.kernel_shape, layer.weight_contracting)
-    return jnp.stack([un(w) for w in w2d_k]).astype(jnp.float32)
-
-
-def _error_ratios(w2d, wq, H, clip, widths) -> list[float]:
-    """Per width: GPTQ's output error / RTN's (RTN with the min-MSE clip)."""
-    out = []
-    for k, b in enumerate(widths):
-        rtn, _ = numerics.fake_quant_weight(
-            jnp.asarray(w2d), numerics.WeightQuant(int(b), jnp.asarray(clip[k]))
-        )
-        e_rtn = output_error(w2d, rtn, H)
-        out.append(output_error(w2d, wq[k], H) / max(e_rtn, 1e-30))
-    return out
+    """f32[K, *kernel_shape] from per-width [K, n, C] weights (numpy: no eager
+    op, hence no compile, per layer shape)."""
+    un = lambda w: unweight_2d(w, layer.kernel_shape, layer.weight_contracting, np)
+    return jnp.asarray(np.stack([un(np.asarray(w)) for w in w2d_k]), jnp.float32)

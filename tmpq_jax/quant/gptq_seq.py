@@ -28,6 +28,7 @@ candidate (the A of W4A8); MatMul layers are quantized there too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -38,10 +39,11 @@ from tqdm.auto import tqdm
 
 from tmpq_jax.quant import intercept, numerics, ops
 from tmpq_jax.quant.gptq import (
+    ACT_ORDER,
     PERCDAMP,
     ROWS_PER_BATCH,
+    _gptq_widths,
     _kernels,
-    gptq_widths,
     layer_inputs,
     unweight_2d,
 )
@@ -164,10 +166,22 @@ def gptq_best_clip(wt, H, clip, bits, percdamp, grid=(1.0,)):
     """GPTQ of the target `wt` [n, C] with, per output channel, the clip ratio
     among `clip` x `grid` (at most 1) of least output error ||X_q (W' - W_q)||:
     GPTQ rounds each output channel on its own, so the choice is per channel."""
-    clips = jnp.stack([jnp.minimum(jnp.asarray(clip) * g, 1.0) for g in grid])
-    wq, new = gptq_widths(wt, H, clips, [bits] * len(grid), percdamp)
-    d = wq - jnp.asarray(wt)[None]
-    err = jnp.sum(d * jnp.einsum("ij,gjc->gic", jnp.asarray(H), d), axis=1)  # [G, C]
+    # one program per layer shape (the pass runs under intercept, jit is off)
+    with jax.disable_jit(False):
+        return _best_clip(
+            jnp.asarray(wt, jnp.float32), jnp.asarray(H, jnp.float32),
+            jnp.asarray(clip, jnp.float32), jnp.int32(bits),
+            percdamp=float(percdamp), grid=tuple(grid),
+        )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("percdamp", "grid"))
+def _best_clip(wt, H, clip, bits, *, percdamp, grid):
+    clips = jnp.stack([jnp.minimum(clip * g, 1.0) for g in grid])
+    bits_g = jnp.full((len(grid),), bits)
+    wq, new = _gptq_widths(wt, H, clips, bits_g, percdamp=percdamp, act_order=ACT_ORDER)
+    d = wq - wt[None]
+    err = jnp.sum(d * jnp.einsum("ij,gjc->gic", H, d), axis=1)  # [G, C]
     best = jnp.argmin(err, axis=0)
     pick = lambda a: jnp.take_along_axis(a, best[None, None], axis=0)[0]
     return pick(wq), jnp.take_along_axis(new, best[None], axis=0)[0]
@@ -203,8 +217,9 @@ class _Pass:
     the weights rounded so far; rounds each conv/dense when it is reached."""
 
     def __init__(self, registry, qparams, k, a_bits, key, rows, n, percdamp, comp,
-                 grid):  # fmt: skip
+                 grid, bar):  # fmt: skip
         self.reg, self.qp, self.k, self.n, self.grid = registry, qparams, k, n, grid
+        self.bar = bar  # one tick per layer rounded
         self.bits = QuantBits.uniform(registry, qparams.bit_widths[k], a_bits)
         self.key, self.rows, self.percdamp, self.comp = key, rows, percdamp, comp
         self.groups = [(lo, min(lo + HALF_BATCH, n)) for lo in range(0, n, HALF_BATCH)]
@@ -241,6 +256,7 @@ class _Pass:
         c = ops.canonical(layer, call_fp)
         w2d = ops.weight_2d(c.right, c.right_contracting).astype(jnp.float32)
         clip = jnp.asarray(self.qp.w_clip[i][self.k])
+        self.bar.update(1)
         stats = _stats(layer, call_fp, call_q, self.groups, key, self.rows)
         if stats is None:  # grouped conv, batched weight: the model's weight
             self.weights[i] = (w2d, clip)
@@ -270,13 +286,16 @@ def gptq_seq_qparams(
     t0, n, widths = time.perf_counter(), int(xs.shape[0]), qparams.bit_widths
     a_bits = max(widths)
     twice = lambda a: jnp.concatenate([a, a], axis=0)
-    passes = []
-    for k in tqdm(range(len(widths)), disable=not progress, desc="calibrate: gptq_seq"):
+    passes, layers = [], sum(layer.kind != "matmul" for layer in registry)
+    bar = tqdm(total=len(widths) * layers, disable=not progress, unit="layer",
+               desc="calibrate: gptq_seq (layer x width)")  # fmt: skip
+    for k in range(len(widths)):
         p = _Pass(registry, qparams, k, a_bits, jax.random.fold_in(key, k), rows, n,
-                  percdamp, compensate, tuple(grid))  # fmt: skip
+                  percdamp, compensate, tuple(grid), bar)  # fmt: skip
         with intercept.intercept(p):
             model.apply({"params": params}, twice(xs), twice(ts), *map(twice, extra))
         passes.append(p)
+    bar.close()
     kernels, clips = [], []
     for i, layer in enumerate(registry):
         if layer.kind == "matmul":
