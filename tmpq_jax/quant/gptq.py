@@ -155,7 +155,9 @@ def _inverse_hessian_factor(H: jax.Array, percdamp: float):
     H = jnp.where(dead & jnp.eye(n, dtype=bool), 1.0, H)
     # the barrier keeps XLA from folding percdamp into the mean's 1/n under jit
     # (one ulp off the eager arithmetic, enough to flip a rounding)
-    H = H + percdamp * lax.optimization_barrier(jnp.mean(diag)) * jnp.eye(n, dtype=H.dtype)
+    H = H + percdamp * lax.optimization_barrier(jnp.mean(diag)) * jnp.eye(
+        n, dtype=H.dtype
+    )
     Hinv = gptq_core.cholesky_inverse(jnp.linalg.cholesky(H))
     return jnp.linalg.cholesky(Hinv, upper=True), dead
 
@@ -295,7 +297,12 @@ def _layer(w2d, hs, clip, widths, percdamp):
     new_clip = np.where(use[:, None], new_clip, np.asarray(clip))
     # a kept width is the model's weight: no output error of its own
     ratios = [r if u else 0.0 for r, u in zip(ratio(full), use, strict=True)]
-    return wq, new_clip, [int(b) for b, u in zip(widths, use, strict=True) if not u], ratios
+    return (
+        wq,
+        new_clip,
+        [int(b) for b, u in zip(widths, use, strict=True) if not u],
+        ratios,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("percdamp",))
