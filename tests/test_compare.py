@@ -19,6 +19,7 @@ from tmpq_jax.compare import (
     sample_sets,
 )
 from tmpq_jax.data import load_splits
+from tmpq_jax.errors import UserError
 from tmpq_jax.evaluation import Evaluator
 from tmpq_jax.genome_file import genome_to_dict, write_genome
 from tmpq_jax.metrics import compute_reference_stats
@@ -144,3 +145,11 @@ def test_cli_refuses_bad_inputs_in_one_line(tmp_path, capsys):
     assert main(["compare", "--genome", shipped, "--out", str(tmp_path / "f")]) == 2
     assert "is a file" in _one_line(capsys)
     assert not out.exists()
+
+
+def test_a_full_precision_genome_is_refused_before_any_work(tmp_path):
+    g = tmp_path / "fp.json"
+    g.write_text('{"format": "tmpq-genome/1", "full_precision": true}')
+    with pytest.raises(UserError, match="full-precision genome") as e:
+        run_compare(g, tmp_path / "out", NUM)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

@@ -354,7 +354,12 @@ def run_compare(
     from tmpq_jax.serving import load_genome_model
 
     t0 = time.perf_counter()
-    _load_json(Path(genome_path))  # a missing or bad file: one line, first
+    if _load_json(Path(genome_path)).get("full_precision"):  # bad file: one line
+        raise UserError(
+            f"{genome_path} is a full-precision genome (timesteps searched on the "
+            "float model): its images are the float model's on those steps, so "
+            "there is no quantized model to compare; sample it with `tmpq sample`."
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ArgumentError("out_dir", f"{{arg}} {out} is a file; give a directory.")

@@ -135,8 +135,7 @@ class Problem:
         classes (a class-conditional model only)."""
         d = self.space.decode(genome)
         if self.full_precision:  # the float model, as the teacher runs it
-            params = assets.params
-            model_fn = lambda x, t, *y: self.model.apply({"params": params}, x, t, *y)  # noqa: E731
+            model_fn = float_fn(self.model, assets.params)
         else:
             model_fn = self._served_fn(assets, d.bits)
 
@@ -239,6 +238,11 @@ def teacher_distance(images, assets: Assets, feature_weight: float) -> jax.Array
     return d
 
 
+def float_fn(model: nn.Module, params):
+    """(x, t, *y) -> the float model's output (labels y: a conditional model)."""
+    return lambda x, t, *y: model.apply({"params": params}, x, t, *y)
+
+
 def teacher_samples(
     model: nn.Module,
     params,
@@ -257,8 +261,9 @@ def teacher_samples(
     sampler = DDIM() if sampler is None else sampler
 
     def run(xy):
-        fn = lambda x, t, *y: model.apply({"params": params}, x, t, *y)  # noqa: E731
-        return sampler(fn, xy[0], timesteps, sched, xy[1], guidance)
+        return sampler(
+            float_fn(model, params), xy[0], timesteps, sched, xy[1], guidance
+        )
 
     out = jax.jit(lambda xy: map_in_chunks(run, xy, chunk))((noise, labels))
     return jnp.clip(out, -1.0, 1.0)
