@@ -156,3 +156,34 @@ def test_fast_inputs_are_layer_inputs():
         model.apply(variables, x)
     assert len(diffs) == 2 and max(diffs) < 1e-5, diffs
     assert all(v is not None for v in cache.values())
+
+
+def test_gptq_statistics_use_true_f32_dots_whatever_the_default(monkeypatch):
+    """GPUs run f32 dots in TF32 and TPUs in one bf16 pass unless told otherwise;
+    GPTQ's Hessians and gptaq's X_q^T X - X_q^T X_q are made under 'highest' even
+    inside a caller's lower default (CPUs ignore the setting, so this checks it is
+    set where the statistics are made, not the arithmetic), and the caller's
+    setting is back afterwards."""
+    from jax._src import config
+
+    from tmpq_jax.quant import gptq, gptq_seq
+
+    seen = []
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            seen.append((fn.__name__, config.default_matmul_precision.value))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(gptq.gptq_core, "compute_hessian", spy(gptq.gptq_core.compute_hessian))
+    monkeypatch.setattr(gptq_seq, "_stats", spy(gptq_seq._stats))
+    model, params, reg, base, (x, t), _ = _setup(n=64)
+    key = jax.random.key(3)
+    with jax.default_matmul_precision("bfloat16"):
+        gptq_qparams(model, params, reg, base, x, t, key, batch_size=64)
+        gptq_seq_qparams(model, params, reg, base, x, t, key)
+        assert config.default_matmul_precision.value == "bfloat16"
+    assert {name for name, _ in seen} == {"compute_hessian", "_stats"}, seen
+    assert {p for _, p in seen} == {"highest"}, seen

@@ -49,6 +49,22 @@ ROWS_PER_BATCH = 8192  # input rows (patches) per layer and batch for the Hessia
 ACT_ORDER = True  # inputs of largest Hessian diagonal first
 
 
+def exact_f32(fn):
+    """Run `fn` with true f32 dots. jax's default f32 dot is TF32 on GPUs and one
+    bf16 pass on TPUs; Hessians, their inverses and gptaq's X_q^T X - X_q^T X_q
+    (a small difference of two large sums) do not survive that: on an H100 every
+    gptaq row came out ruined (W8A8 FID 46.9 at 10 quad steps,
+    `benchmarks/results/quant_uniform_gptaq_tf32_gpu.json`). FID does the same
+    (`metrics/fid.py`). CPUs compute f32 either way, so CPU results are unchanged."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 # ----------------------------------------------------------------------------
 # The layer's input matrix X (rows: positions; columns: the weight's rows).
 
@@ -189,6 +205,7 @@ def gptq_integers(w: jax.Array, Hinv: jax.Array, dead, scale, bits) -> jax.Array
     return q
 
 
+@exact_f32
 def gptq_widths(w2d, H, clip, widths, percdamp=PERCDAMP, act_order=ACT_ORDER):
     """For a weight [n, C] (`ops.weight_2d` layout) and its Hessian [n, n]:
     (dequantized GPTQ weights f32[K, n, C], clip ratios f32[K, C] that make the
@@ -243,6 +260,7 @@ def output_error(w2d, wq2d, H) -> float:
 # The whole model.
 
 
+@exact_f32
 def gptq_qparams(
     model, params: Any, registry: LayerRegistry, qparams: QParams, xs, ts, key, *,
     extra=(), rows=ROWS_PER_BATCH, percdamp=PERCDAMP, batch_size=64, progress=False,

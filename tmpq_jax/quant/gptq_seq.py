@@ -44,6 +44,7 @@ from tmpq_jax.quant.gptq import (
     ROWS_PER_BATCH,
     _gptq_widths,
     _kernels,
+    exact_f32,
     layer_inputs,
     unweight_2d,
 )
@@ -273,6 +274,7 @@ class _Pass:
             self.ratios[layer.name] = ratio
 
 
+@exact_f32
 def gptq_seq_qparams(
     model, params: Any, registry: LayerRegistry, qparams: QParams, xs, ts, key, *,
     extra=(), rows=ROWS_PER_BATCH, percdamp=PERCDAMP, compensate=True, grid=(1.0,),
