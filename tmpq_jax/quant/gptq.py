@@ -51,11 +51,9 @@ ACT_ORDER = True  # inputs of largest Hessian diagonal first
 
 def exact_f32(fn):
     """Run `fn` with true f32 dots. jax's default f32 dot is TF32 on GPUs and one
-    bf16 pass on TPUs; Hessians, their inverses and gptaq's X_q^T X - X_q^T X_q
-    (a small difference of two large sums) do not survive that: on an H100 every
-    gptaq row came out ruined (W8A8 FID 46.9 at 10 quad steps,
-    `benchmarks/results/quant_uniform_gptaq_tf32_gpu.json`). FID does the same
-    (`metrics/fid.py`). CPUs compute f32 either way, so CPU results are unchanged."""
+    bf16 pass on TPUs; GPTQ's Hessians, their inverses and gptaq's X_q^T X -
+    X_q^T X_q (a small difference of two large sums) are made in f32 whatever the
+    default, as FID's are (`metrics/fid.py`). CPUs compute f32 either way."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
