@@ -5,10 +5,10 @@ import json
 import types
 
 import jax
-
 import pytest
 
-from benchmarks.perf_big import fp8_supported, main
+from benchmarks.perf_big import main
+from benchmarks.perf_serve import fp8_supported
 from tmpq_jax.errors import UserError
 from tmpq_jax.search.fitness import chunk_memory
 
