@@ -6,11 +6,14 @@ a GPU machine's CPU and on its GPU, compared layer by layer.
 
 Variants: `cpu`, `gpu` (the default backend), `cpu_tf32` (the CPU with every f32
 dot's operands rounded to TF32 unless 'highest' is asked: the GPU's default dot,
-without its convolutions); `--python` picks the interpreter (another jax).
+without its convolutions), `cpu_tf32_conv` (every f32 dot and convolution the
+calibration binds, at the primitives); `--python` picks the interpreter (another jax).
 Each variant runs in its own process (`--worker`, JAX_PLATFORMS=cpu for the CPU):
 min-MSE and then gptaq on the shipped UNet at a reduced setting (--timesteps x
 --samples, candidates 8,4), then the one-step eps MSE against the float model at
-W8A8 and W4A8, round-to-nearest and gptaq, on a fresh batch from the same key.
+W8A8 and W4A8, round-to-nearest and gptaq, on a fresh batch from the same key
+(and, on a variant after `cpu`, gptaq with the CPU's kernels: calibration or
+evaluation?).
 The parent compares the stored kernels: per layer and width, the largest
 difference in steps of that layer's grid, and the first layer where they part.
 Writes DIR/gptq_platforms.json (and each platform's kernels as .npz).
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 CANDIDATES = (8, 4)
-VARIANTS = ("cpu", "gpu", "cpu_tf32")
+VARIANTS = ("cpu", "gpu", "cpu_tf32", "cpu_tf32_conv")
 
 
 def _emulate_tf32() -> None:
@@ -58,6 +61,35 @@ def _emulate_tf32() -> None:
     lax_impl.dot_general = dot_general
 
 
+def _emulate_tf32_convs_too() -> None:
+    """As `_emulate_tf32`, at the primitives: every f32 dot_general and convolution
+    the program binds (the model's forward, the patches, the identity-kernel conv)."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src import config
+    from jax._src.lax import convolution
+    from jax._src.lax import lax as lax_impl
+
+    def tf32(x):
+        if getattr(x, "dtype", None) != jnp.float32:
+            return x
+        b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        b = (b + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000)
+        return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+    for prim in (lax_impl.dot_general_p, convolution.conv_general_dilated_p):
+        original = prim.bind
+
+        def bind(*args, _original=original, **params):
+            asked = params.get("precision")
+            default = config.default_matmul_precision.value in ("highest", "float32")
+            if not default and (asked is None or asked == (None, None)):
+                args = tuple(tf32(a) for a in args)
+            return _original(*args, **params)
+
+        prim.bind = bind
+
+
 def worker(args) -> None:
     import jax
     import jax.numpy as jnp
@@ -75,8 +107,8 @@ def worker(args) -> None:
         lm, jax.random.fold_in(key, 0), args.timesteps, args.samples
     )
     t0, fn = time.perf_counter(), gptq_seq.gptq_seq_qparams
-    if args.worker == "cpu_tf32":  # without exact_f32's 'highest'
-        _emulate_tf32()
+    if args.worker in ("cpu_tf32", "cpu_tf32_conv"):  # without exact_f32's 'highest'
+        (_emulate_tf32 if args.worker == "cpu_tf32" else _emulate_tf32_convs_too)()
         fn = fn.__wrapped__
     qp, info = fn(lm.model, lm.params, reg, rtn, xs, ts, jax.random.fold_in(key, 3),
                   extra=tuple(extra))  # fmt: skip
@@ -95,6 +127,16 @@ def worker(args) -> None:
     errors = {
         f"W{w}A8": {"rtn": err(rtn, w, 8), "gptaq": err(qp, w, 8)} for w in CANDIDATES
     }
+    ref = Path(args.out_dir) / "cpu.npz"
+    if args.worker != "cpu" and ref.exists():  # the CPU's kernels, evaluated here
+        got = np.load(ref)
+        n = len(reg)
+        qp_cpu = qp.replace(
+            w_kernel=tuple(jnp.asarray(got[f"k{i}"]) if f"k{i}" in got else None for i in range(n)),
+            w_clip=tuple(jnp.asarray(got[f"c{i}"]) if f"c{i}" in got else qp.w_clip[i] for i in range(n)),
+        )  # fmt: skip
+        for w in CANDIDATES:
+            errors[f"W{w}A8"]["gptaq_cpu_kernels"] = err(qp_cpu, w, 8)
     arrays = {}
     for i in range(len(reg)):
         if qp.w_kernel[i] is not None:
