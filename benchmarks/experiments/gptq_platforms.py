@@ -10,7 +10,7 @@ without its convolutions), `cpu_tf32_conv` (every f32 dot and convolution the
 calibration binds, at the primitives); `--python` picks the interpreter (another jax).
 Each variant runs in its own process (`--worker`, JAX_PLATFORMS=cpu for the CPU):
 min-MSE and then gptaq on the shipped UNet at a reduced setting (--timesteps x
---samples, candidates 8,4), then the one-step eps MSE against the float model at
+--samples, --candidates 8,4), then the one-step eps MSE against the float model at
 W8A8 and W4A8, round-to-nearest and gptaq, on a fresh batch from the same key
 (and, on a variant after `cpu`, gptaq with the CPU's kernels: calibration or
 evaluation?).
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-CANDIDATES = (8, 4)
 VARIANTS = ("cpu", "gpu", "cpu_tf32", "cpu_tf32_conv")
 
 
@@ -101,7 +100,7 @@ def worker(args) -> None:
     lm, key = resolve_model(), jax.random.key(0)
     reg = lm.layer_registry()
     rtn, _ = calibrate(
-        lm, key, CANDIDATES, args.timesteps, args.samples, False, registry=reg
+        lm, key, args.cands, args.timesteps, args.samples, False, registry=reg
     )
     xs, ts, *extra = calibration_set(
         lm, jax.random.fold_in(key, 0), args.timesteps, args.samples
@@ -121,11 +120,11 @@ def worker(args) -> None:
     def err(q, w, a):
         bits = QuantBits.uniform(reg, w, a)
         yq = quantized_apply(lm.model, {"params": lm.params}, xe, te, bits=bits,
-                             registry=reg, qparams=q, candidates=CANDIDATES)  # fmt: skip
+                             registry=reg, qparams=q, candidates=args.cands)  # fmt: skip
         return float(jnp.mean((yq - y) ** 2))
 
     errors = {
-        f"W{w}A8": {"rtn": err(rtn, w, 8), "gptaq": err(qp, w, 8)} for w in CANDIDATES
+        f"W{w}A8": {"rtn": err(rtn, w, 8), "gptaq": err(qp, w, 8)} for w in args.cands
     }
     ref = Path(args.out_dir) / "cpu.npz"
     if args.worker != "cpu" and ref.exists():  # the CPU's kernels, evaluated here
@@ -135,7 +134,7 @@ def worker(args) -> None:
             w_kernel=tuple(jnp.asarray(got[f"k{i}"]) if f"k{i}" in got else None for i in range(n)),
             w_clip=tuple(jnp.asarray(got[f"c{i}"]) if f"c{i}" in got else qp.w_clip[i] for i in range(n)),
         )  # fmt: skip
-        for w in CANDIDATES:
+        for w in args.cands:
             errors[f"W{w}A8"]["gptaq_cpu_kernels"] = err(qp_cpu, w, 8)
     arrays = {}
     for i in range(len(reg)):
@@ -153,7 +152,7 @@ def worker(args) -> None:
     print(args.worker, summary["device"], errors, f"{seconds:.0f} s", flush=True)
 
 
-def compare(out: Path, ref: str, other: str) -> dict:
+def compare(out: Path, ref: str, other: str, cands) -> dict:
     """Kernels of `other` against `ref`: per layer and width, in grid steps."""
     a, b = (np.load(out / f"{p}.npz") for p in (ref, other))
     sa = json.loads((out / f"{ref}.json").read_text())
@@ -161,7 +160,7 @@ def compare(out: Path, ref: str, other: str) -> dict:
     for key in sorted((k for k in a.files if k[0] == "k"), key=lambda k: int(k[1:])):
         i = int(key[1:])
         ka, kb = a[key], b[key]
-        for w, bits in enumerate(CANDIDATES):  # leading axis: the widths
+        for w, bits in enumerate(cands):  # leading axis: the widths
             axes = tuple(range(1, ka.ndim - 1))  # per output channel (last axis)
             step = np.max(np.abs(ka[w]), axis=axes, keepdims=True) / (
                 2 ** (bits - 1) - 0.5
@@ -178,11 +177,13 @@ def main() -> None:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--timesteps", type=int, default=4)
     ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--candidates", default="8,4", help="widths calibrated")
     ap.add_argument("--variants", default="cpu,gpu", help="cpu, gpu, cpu_tf32")
     ap.add_argument("--python", default=sys.executable, help="the workers' interpreter")
     ap.add_argument("--name", default="gptq_platforms.json")
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.cands = tuple(int(c) for c in args.candidates.split(","))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
@@ -195,14 +196,15 @@ def main() -> None:
     for v in variants:
         env = dict(os.environ, **({"JAX_PLATFORMS": "cpu"} if v != "gpu" else {}))
         cmd = [args.python, "-m", __spec__.name, "--worker", v, "--out-dir", args.out_dir,
-               "--timesteps", str(args.timesteps), "--samples", str(args.samples)]  # fmt: skip
+               "--timesteps", str(args.timesteps), "--samples", str(args.samples),
+               "--candidates", args.candidates]  # fmt: skip
         subprocess.run(cmd, env=env, check=True)
     result = dict(
         command="python -m benchmarks.experiments.gptq_platforms " + " ".join(sys.argv[1:]),
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), setting=dict(
-            timesteps=args.timesteps, samples=args.samples, candidates=CANDIDATES),
+            timesteps=args.timesteps, samples=args.samples, candidates=args.cands),
         variants={v: json.loads((out / f"{v}.json").read_text()) for v in variants},
-        kernels_vs_first={v: compare(out, variants[0], v) for v in variants[1:]},
+        kernels_vs_first={v: compare(out, variants[0], v, args.cands) for v in variants[1:]},
     )  # fmt: skip
     (out / args.name).write_text(json.dumps(result, indent=1))
     for v, r in result["variants"].items():
