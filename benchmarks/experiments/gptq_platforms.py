@@ -32,22 +32,26 @@ import numpy as np
 VARIANTS = ("cpu", "gpu", "cpu_tf32", "cpu_tf32_conv")
 
 
+def tf32(x):
+    """`x` rounded to TF32 (10 mantissa bits, to nearest) where it is f32."""
+    import jax
+    import jax.numpy as jnp
+
+    if getattr(x, "dtype", None) != jnp.float32:
+        return x
+    b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    b = (b + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000)
+    return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
 def _emulate_tf32() -> None:
     """Every f32 dot's operands rounded to TF32 (10 mantissa bits, to nearest)
     unless the caller asks for 'highest', as a GPU runs them by default."""
-    import jax
     import jax.numpy as jnp
     from jax._src import config
     from jax._src.lax import lax as lax_impl
 
     original = lax_impl.dot_general
-
-    def tf32(x):
-        if x.dtype != jnp.float32:
-            return x
-        b = jax.lax.bitcast_convert_type(x, jnp.uint32)
-        b = (b + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000)
-        return jax.lax.bitcast_convert_type(b, jnp.float32)
 
     def dot_general(lhs, rhs, *args, precision=None, **kwargs):
         if precision is None and config.default_matmul_precision.value not in (
@@ -63,18 +67,9 @@ def _emulate_tf32() -> None:
 def _emulate_tf32_convs_too() -> None:
     """As `_emulate_tf32`, at the primitives: every f32 dot_general and convolution
     the program binds (the model's forward, the patches, the identity-kernel conv)."""
-    import jax
-    import jax.numpy as jnp
     from jax._src import config
     from jax._src.lax import convolution
     from jax._src.lax import lax as lax_impl
-
-    def tf32(x):
-        if getattr(x, "dtype", None) != jnp.float32:
-            return x
-        b = jax.lax.bitcast_convert_type(x, jnp.uint32)
-        b = (b + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000)
-        return jax.lax.bitcast_convert_type(b, jnp.float32)
 
     for prim in (lax_impl.dot_general_p, convolution.conv_general_dilated_p):
         original = prim.bind
