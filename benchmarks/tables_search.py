@@ -26,7 +26,7 @@ _LABELS = {"fp": "full precision (W32A32), {steps}",
            "timesteps": "timestep-only search (uniform {w} fixed)",
            "random": "random search, same evaluations",
            "joint": "**joint search**",
-           "joint_race": "joint search, racing (all on 500 samples, the best quarter on the full set)"}  # fmt: skip
+           "joint_race": "joint search, racing (every candidate on a prefix of the samples, the best on all: the protocol line)"}  # fmt: skip
 
 
 def _mean_std(values: list[float], seeds: bool = True) -> str:

@@ -6,8 +6,8 @@ a GPU machine's CPU and on its GPU, compared layer by layer.
 
 Variants: `cpu`, `gpu` (the default backend), `cpu_tf32` (the CPU with every f32
 dot's operands rounded to TF32 unless 'highest' is asked: the GPU's default dot,
-without its convolutions), `cpu_tf32_conv` (every f32 dot and convolution the
-calibration binds, at the primitives); `--python` picks the interpreter (another jax).
+at the primitive, not the convolutions), `cpu_tf32_conv` (every f32 dot and
+convolution); `--python` picks the interpreter (another jax).
 Each variant runs in its own process (`--worker`, JAX_PLATFORMS=cpu for the CPU):
 min-MSE and then gptaq on the shipped UNet at a reduced setting (--timesteps x
 --samples, --candidates 8,4), then the one-step eps MSE against the float model at
@@ -44,34 +44,18 @@ def tf32(x):
     return jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
-def _emulate_tf32() -> None:
-    """Every f32 dot's operands rounded to TF32 (10 mantissa bits, to nearest)
-    unless the caller asks for 'highest', as a GPU runs them by default."""
-    import jax.numpy as jnp
-    from jax._src import config
-    from jax._src.lax import lax as lax_impl
-
-    original = lax_impl.dot_general
-
-    def dot_general(lhs, rhs, *args, precision=None, **kwargs):
-        if precision is None and config.default_matmul_precision.value not in (
-            "highest",
-            "float32",
-        ):
-            lhs, rhs = tf32(jnp.asarray(lhs)), tf32(jnp.asarray(rhs))
-        return original(lhs, rhs, *args, precision=precision, **kwargs)
-
-    lax_impl.dot_general = dot_general
-
-
-def _emulate_tf32_convs_too() -> None:
-    """As `_emulate_tf32`, at the primitives: every f32 dot_general and convolution
-    the program binds (the model's forward, the patches, the identity-kernel conv)."""
+def _emulate_tf32(convs: bool) -> None:
+    """Every f32 dot_general (and with `convs` every convolution) the program binds
+    -- the model's forward, the patches, GPTQ's statistics, the evaluation -- with
+    its operands rounded to TF32, unless 'highest' is asked: as a GPU runs them."""
     from jax._src import config
     from jax._src.lax import convolution
     from jax._src.lax import lax as lax_impl
 
-    for prim in (lax_impl.dot_general_p, convolution.conv_general_dilated_p):
+    prims = [lax_impl.dot_general_p] + (
+        [convolution.conv_general_dilated_p] if convs else []
+    )
+    for prim in prims:
         original = prim.bind
 
         def bind(*args, _original=original, **params):
@@ -102,7 +86,7 @@ def worker(args) -> None:
     )
     t0, fn = time.perf_counter(), gptq_seq.gptq_seq_qparams
     if args.worker in ("cpu_tf32", "cpu_tf32_conv"):  # without exact_f32's 'highest'
-        (_emulate_tf32 if args.worker == "cpu_tf32" else _emulate_tf32_convs_too)()
+        _emulate_tf32(convs=args.worker == "cpu_tf32_conv")
         fn = fn.__wrapped__
     qp, info = fn(lm.model, lm.params, reg, rtn, xs, ts, jax.random.fold_in(key, 3),
                   extra=tuple(extra))  # fmt: skip

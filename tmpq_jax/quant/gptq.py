@@ -250,8 +250,13 @@ def _one_width(w2d, Hinv, dead, perm, inv, clip, bits):
 def output_error(w2d, wq2d, H) -> float:
     """tr((W - W_q)^T H (W - W_q)): the mean squared output error on the inputs
     H was made from (the quantity GPTQ minimises)."""
-    d = jnp.asarray(wq2d - w2d, jnp.float32)
-    return float(jnp.sum(d * (jnp.asarray(H) @ d)))
+    return float(
+        _output_error(
+            jnp.asarray(w2d, jnp.float32),
+            jnp.asarray(wq2d, jnp.float32),
+            jnp.asarray(H),
+        )
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -338,6 +343,7 @@ def _layer_fit(w2d, h_fit, h_held, clip, bits, *, percdamp):
 
 
 def _output_error(w2d, wq2d, H):
+    """`output_error` as a traced scalar (jittable, vmappable)."""
     d = wq2d - w2d
     return jnp.sum(d * (H @ d))
 
