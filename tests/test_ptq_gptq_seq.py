@@ -187,3 +187,39 @@ def test_gptq_statistics_use_true_f32_dots_whatever_the_default(monkeypatch):
         assert config.default_matmul_precision.value == "bfloat16"
     assert {name for name, _ in seen} == {"compute_hessian", "_stats"}, seen
     assert {p for _, p in seen} == {"highest"}, seen
+
+
+def test_pass_matmuls_in_float_are_the_int8_dot():
+    """The gptaq pass runs attention matmuls as float fake-quant
+    (`ops.quantized_in_float`): the same as AQT's int8 dot to f32 rounding, for
+    both einsums of an attention block (batch dims in the middle, a swap)."""
+    from tmpq_jax.models.ops import MatMul
+    from tmpq_jax.quant import intercept, numerics, ops
+
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, q, k):
+            logits = MatMul("blhd,bmhd->bhlm", name="qk")(q, k)
+            return MatMul("bhlm,bmhd->blhd", name="av")(jax.nn.softmax(logits), k)
+
+    q, k = (jax.random.normal(jax.random.key(s), (3, 7, 2, 8)) for s in (0, 1))
+    model = Attn()
+    variables = model.init(jax.random.key(2), q, k)
+    reg = build_registry(model, variables, q, k)
+    got = []
+
+    def both(call):
+        layer = reg[reg.index_of_site(call.site)]
+        left, right = (numerics.ActQuant(6, jnp.float32(b)) for b in (2.5, 3.0))
+        a = ops.quantized(layer, call, left, right)
+        b = ops.quantized_in_float(layer, call, left, right)
+        got.append((float(jnp.abs(a - b).max()), float(jnp.abs(a).max()),
+                    float(jnp.abs(a - call.original()).max())))  # fmt: skip
+        return a
+
+    with intercept.intercept(both):
+        model.apply(variables, q, k)
+    assert len(got) == 2, got
+    for diff, size, quant_err in got:
+        assert diff <= 1e-5 * size, got  # f32 rounding
+        assert quant_err > 100 * diff, got  # far below the quantization error

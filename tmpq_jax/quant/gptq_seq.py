@@ -247,7 +247,9 @@ class _Pass:
                 call_q, **{wside: kern.astype(getattr(call_q, wside).dtype)}
             )
             right = numerics.WeightQuant(right.bits, clip)
-        out_q = ops.quantized(layer, call_q, left, right)
+        # matmuls (attention) in float: see ops.quantized_in_float
+        quantize = ops.quantized_in_float if layer.kind == "matmul" else ops.quantized
+        out_q = quantize(layer, call_q, left, right)
         out = jnp.concatenate([call_fp.original(), out_q], axis=0)
         assert out.shape[0] == 2 * self.n, (layer.name, out.shape)
         return out

@@ -119,6 +119,22 @@ def quantized(layer, call, left: numerics.ActQuant, right, corr=None):
     return run(layer, call, numerics.dot_general(left, right), corr)
 
 
+def quantized_in_float(layer, call, left: numerics.ActQuant, right: numerics.ActQuant):
+    """`quantized` for a matmul of two activations (both per tensor), its integer
+    arithmetic done in float: each operand fake-quantized as AQT quantizes it,
+    then the float dot. The same to f32 rounding (the products are small integers
+    times the scales), with no int8 kernel: for op-by-op callers (the gptaq pass,
+    jit off under the interceptor), where XLA:GPU's lone int8 dot_general with
+    batch dimensions is suspected of the gptaq fault (docs/qwix.md)."""
+
+    def op(a, b, dimension_numbers):
+        a = numerics.fake_quant_activation(a, left)[0]
+        b = numerics.fake_quant_activation(b, right)[0]
+        return float_op(call)(a, b, dimension_numbers)
+
+    return run(layer, call, op)
+
+
 def served(
     layer, call, left: numerics.ActQuant, qvalue, scale, corr=None, conv_dtype=None
 ):
