@@ -29,12 +29,24 @@ def _load(path, reg):
     return load_calibration(path, reg, cands)[0], cands
 
 
+def _load_both(a, b, reg):
+    """(A, B, candidates); SystemExit unless both were made for the same widths
+    (their kernels are compared width by width)."""
+    (qa, ca), (qb, cb) = _load(a, reg), _load(b, reg)
+    if ca != cb:
+        raise SystemExit(f"error: {a} is calibrated for {ca}, {b} for {cb}: compare "
+                         "calibrations of the same candidate widths.")  # fmt: skip
+    return qa, qb, ca
+
+
 def _own_weights(lm, reg) -> dict:
+    """{layer index: the model's own kernel} by the registry's param paths."""
     from flax.traverse_util import flatten_dict
 
-    flat = {"/".join(k[:-1]): np.asarray(v) for k, v in flatten_dict(lm.params).items()
-            if k[-1] == "kernel"}  # fmt: skip
-    return {i: flat.get(layer.name) for i, layer in enumerate(reg)}
+    flat = flatten_dict(lm.params)
+    path = lambda layer: tuple(layer.param_path or ())
+    return {i: np.asarray(flat[path(x)]) if path(x) in flat else None
+            for i, x in enumerate(reg)}  # fmt: skip
 
 
 def compare(a, b, cands, reg, own) -> list[dict]:
@@ -66,8 +78,7 @@ def splice(src_a, src_b, out, pattern, reg) -> list[str]:
     """B with the layers matching `pattern` taken from A, saved at `out`."""
     from tmpq_jax.quant.calibration_io import read_calibration_meta, save_calibration
 
-    a, cands = _load(src_a, reg)
-    b, _ = _load(src_b, reg)
+    a, b, cands = _load_both(src_a, src_b, reg)
     names = [n for n in reg.names if re.search(pattern, n)]
     pick = lambda fa, fb: tuple(
         x if name in names else y for name, x, y in zip(reg.names, fa, fb, strict=True)
@@ -99,7 +110,7 @@ def main() -> None:
         names = splice(args.a, args.b, args.splice_out, args.splice, reg)
         print(f"{args.splice_out}: {len(names)} layers from {args.a}: {names}")
     if args.out:
-        (a, cands), (b, _) = _load(args.a, reg), _load(args.b, reg)
+        a, b, cands = _load_both(args.a, args.b, reg)
         rows = compare(a, b, cands, reg, _own_weights(lm, reg))
         apart = [r["layer"] for r in rows if max(r.get("grid_steps") or [0]) > 10]
         result = provenance() | dict(
