@@ -129,6 +129,7 @@ def get_calibrations(lm, reg, cands, kinds, args) -> tuple[dict, dict]:
         qps[kind] = qp
         records[kind] = {
             "path": str(Path(args.workdir) / name), "reused": reused,
+            "candidates": [int(w) for w in c.split(",")],
             "seconds": settings.get("seconds"),
             "wall_s_this_call": round(time.perf_counter() - t0, 2),
             "settings": settings,
@@ -299,10 +300,11 @@ def _log(r: dict) -> None:
 
 def merge(paths: list[str], out_dir: str | None, name: str = NAME) -> Path:
     """One results file from parts: rows in order, each (config, calibration,
-    steps, schedule) once (the first part's), calibrations of all parts."""
+    steps, schedule) once (the first part's), calibrations of all parts, each
+    with the widths it was made of (parts may calibrate different widths)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     for p, path in zip(parts, paths, strict=True):
-        for k in ("num_samples", "seed", "batch_size", "candidates"):
+        for k in ("num_samples", "seed", "batch_size"):
             if p[k] != parts[0][k]:
                 raise SystemExit(f"{path}: {k} {p[k]} differs from {parts[0][k]}")
     # a part that is itself a merge brings its own parts' provenance
@@ -313,11 +315,12 @@ def merge(paths: list[str], out_dir: str | None, name: str = NAME) -> Path:
             key = (r["config"], r["calibration"], r["steps"], r["schedule"])
             rows.setdefault(key, r)
         for k, v in p["calibrations"].items():
-            calibrations.setdefault(k, v)
+            calibrations.setdefault(k, {"candidates": p["candidates"], **v})
     last = {k: v for k, v in parts[-1].items() if k not in ("wall_s", "compile_s")}
     keys = ("device", "date", "command", "wall_s", "compile_s")
     payload = {
         **last,  # provenance: the last part's; every part's under "parts"
+        "candidates": sorted({w for v in calibrations.values() for w in v["candidates"]}, reverse=True),
         "calibrations": calibrations,
         "rows": list(rows.values()),
         "parts": [{k: p[k] for k in keys} for p in prov],

@@ -60,7 +60,9 @@ def large_table(base: dict, large: dict, m_base: dict, m_large: dict) -> str:
 
 _CALIBRATIONS = {"minmse": "min-MSE", "minmse_bc": "min-MSE + bias corr.",
                  "recon": "reconstruction", "recon_bc": "reconstruction + bias corr.",
-                 "dynamic": "none (dynamic absmax)"}  # fmt: skip
+                 "dynamic": "none (dynamic absmax)", "gptq": "GPTQ",
+                 "gptq_seq": "GPTQ, sequential", "gptaq": "GPTAQ",
+                 "gptaq_clip": "GPTAQ + clip search"}  # fmt: skip
 
 
 def _quant_row(r: dict, fp: dict | None) -> list:
@@ -95,10 +97,11 @@ def quant_uniform_table(d: dict) -> str:
         rs.sort(key=lambda r: (*rank(r), order.index(r["calibration"])))
         table = md_table(head, [_quant_row(r, fp) for r in rs])
         out += [f"DDIM, {steps} {schedule} steps:", "", table, ""]
-    c, notes = ",".join(map(str, d["candidates"])), []
+    notes = []
     for kind, record in d.get("calibrations", {}).items():
         if not (settings := record.get("settings")):  # dynamic: nothing was made
             continue
+        c = ",".join(map(str, record.get("candidates", d["candidates"])))
         what = f"{_CALIBRATIONS[kind]} of widths {{{c}}}"
         if r := settings.get("reconstruct"):
             what += f" ({r['steps']} Adam steps for each of {r['fits']} block x width fits, {r['fits_improved']} kept)"

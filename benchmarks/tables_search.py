@@ -12,10 +12,11 @@ SEEDS = (0, 1, 2)  # the table's seeds for every searched method
 
 def _src(d: dict, name: str, sep: str = ",") -> str:
     """A table's footer: device, date, the command (every part's) and the file."""
-    cmds = "; ".join(f"`{p['command']}`" for p in d.get("parts", [d]))
-    return (
-        f"*{d['device']}, {d['date'][:10]}{sep} {cmds} → `benchmarks/results/{name}`*"
-    )
+    parts = d.get("parts", [d])
+    cmds = "; ".join(f"`{p['command']}`" for p in parts)
+    dates = sorted({p.get("date", d["date"])[:10] for p in parts})
+    date = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    return f"*{d['device']}, {date}{sep} {cmds} → `benchmarks/results/{name}`*"
 
 
 _LABELS = {"fp": "full precision (W32A32), {steps}",

@@ -99,6 +99,24 @@ def test_quant_uniform_merge_keeps_fp_rows_once_and_renders(tmp_path):
     assert "`cmd minmse`; `cmd dynamic`" in table
 
 
+def test_quant_uniform_merge_keeps_each_calibrations_widths(tmp_path):
+    # a part calibrated at other widths joins; each calibration names its own
+    a, b = _part("cmd a", "minmse", 10.5), _part("cmd b", "gptaq", 9.0)
+    a["candidates"], b["candidates"] = [8, 7, 6, 5, 4], [8, 6, 4]
+    b["date"] = "2026-02-01T00:00:00+00:00"
+    for part in (a, b):
+        next(iter(part["calibrations"].values()))["settings"] = {"seconds": 3.0}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for p, part in zip(paths, (a, b)):
+        p.write_text(json.dumps(part))
+    merged = json.loads(merge([str(p) for p in paths], str(tmp_path), "m.json").read_text())
+    assert merged["calibrations"]["gptaq"]["candidates"] == [8, 6, 4]
+    assert merged["calibrations"]["minmse"]["candidates"] == [8, 7, 6, 5, 4]
+    table = quant_uniform_table(merged)
+    assert "min-MSE of widths {8,7,6,5,4}" in table and "GPTAQ of widths {8,6,4}" in table
+    assert "2026-01-01 to 2026-02-01" in table
+
+
 def test_search_table_merge_keeps_parts_and_replaces_rerun_rows(tmp_path):
     from benchmarks.search_table import merge as merge_table
     from benchmarks.tables import search_table
