@@ -110,7 +110,7 @@ def search_table(d: dict) -> str:
         "*Mean ± standard deviation over seeds of each method's best genome, 10k "
         "fresh samples against the test split. FID clf. is the FMNIST "
         "classifier's space, which the `fid` fitness optimizes (on train "
-        "statistics); ResNet (a classifier of another design) and SimCLR (trained"
+        "statistics) and the `teacher` fitness's feature term reads; ResNet (a classifier of another design) and SimCLR (trained"
         " without labels) are evaluation nets no fitness sees; P and R: k-NN "
         "precision and recall in ResNet space. — : not scored in that space (rows"
         " searched before the evaluation nets existed and not yet re-scored).*"

@@ -13,7 +13,7 @@ overridden on the command line by its name:
   tmpq search --config configs/fmnist_search.py --workdir runs/search
   # baselines: --config.search.space=precision | timesteps, --config.search.strategy=random
   # harder budget: --config.search.candidates='(8,7,6,5,4)' --config.search.budget_w_bits=4
-  # a fitness harder to game: --config.search.fitness=teacher | ensemble
+  # the fitness (default teacher): --config.search.fitness=fid | ensemble
 """
 
 from tmpq_jax.search.config import default_configdict

@@ -20,7 +20,6 @@ def get_config(arg=None):
     c.search.update(
         population=8,
         generations=3,
-        fitness="teacher",
         num_samples=32,
         teacher_steps=20,
         sample_chunk=64,

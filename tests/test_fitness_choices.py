@@ -28,7 +28,7 @@ from tmpq_jax.search.fitness import teacher_samples
 from tmpq_jax.search.outputs import rescore_and_select
 
 CPU = "configs/fmnist_search_cpu.py"
-TINY = dict(population=4, generations=2, num_samples=16, rescore_samples=24)
+TINY = dict(population=4, generations=2, num_samples=16, rescore_samples=24, fitness="fid")
 TINY.update(rescore_batch=24, rescore_top_k=1, num_steps=2, budget_steps=2)
 
 
