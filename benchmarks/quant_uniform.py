@@ -315,7 +315,13 @@ def merge(paths: list[str], out_dir: str | None, name: str = NAME) -> Path:
             key = (r["config"], r["calibration"], r["steps"], r["schedule"])
             rows.setdefault(key, r)
         for k, v in p["calibrations"].items():
-            calibrations.setdefault(k, {"candidates": p["candidates"], **v})
+            v = {"candidates": p["candidates"], **v}
+            if k in calibrations and calibrations[k]["candidates"] != v["candidates"]:
+                raise SystemExit(
+                    f"{k} calibrated at widths {calibrations[k]['candidates']} and "
+                    f"{v['candidates']}: merge parts of one calibration's widths only"
+                )
+            calibrations.setdefault(k, v)
     last = {k: v for k, v in parts[-1].items() if k not in ("wall_s", "compile_s")}
     keys = ("device", "date", "command", "wall_s", "compile_s")
     payload = {

@@ -90,8 +90,11 @@ def main() -> None:
     src = json.loads(Path(args.table).read_text())
     out = Path(args.out_dir or ".") / "search_table_rescored.json"
     done = json.loads(out.read_text())["rows"] if out.exists() else []
-    seen = {(r["budget"], r["method"], r["seed"]) for r in done}
-    rows = [r for r in src["rows"] if (r["budget"], r["method"], r["seed"]) not in seen]
+    # a row is its model, budget, method, fitness and seed (a DiT's joint seed 0
+    # is not the UNet's, nor a teacher search's the fid search's)
+    key = lambda r: (r.get("model", "unet"), r["budget"], r["method"], r.get("fitness", "fid"), r["seed"])  # fmt: skip
+    seen = {key(r) for r in done}
+    rows = [r for r in src["rows"] if key(r) not in seen]
     for budget in args.budgets.split(","):
         for r in rescore_rows(rows, budget, Path(args.workdir_root), args.override):
             print(

@@ -228,7 +228,7 @@ def run_unit(a, unit: tuple, root: Path) -> list[dict]:
         r.setdefault("budget", budget)
         total = B.budget_bitops(setup.registry, *parse_budget(budget))
         r.setdefault("budget_bitops", total)
-        r.update(method=method, seed=seed, unit="/".join(map(str, unit)),
+        r.update(method=method, seed=seed, unit="/".join(map(str, unit)), fitness=s.fitness,
                  protocol={k: getattr(s, k) for k in (*PROTOCOL, *RESCORE)}, bits="8,7,6,5,4",
                  wall_s=round(time.perf_counter() - t0, 2),
                  **{k: prov[k] for k in ROW_PROVENANCE})  # fmt: skip
@@ -308,7 +308,7 @@ def _cell(rs: list[dict], key: str) -> str:
 
 def table(d: dict) -> str:
     out = []
-    for key, space in (("fid", "FID clf. (fitness)"), ("fid_2", "FID ResNet (unseen)")):
+    for key, space in (("fid", "FID clf. (the fitness net's)"), ("fid_2", "FID ResNet (unseen)")):
         rows = []
         for m, by_budget in _groups(d):
             if any(rs for _, rs in by_budget):

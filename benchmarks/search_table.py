@@ -133,6 +133,8 @@ def run_row(method, budget, seed, root: Path, overrides, model="unet") -> dict:
     # DDIM's uniform steps mean nothing to a flow model
     if method == "fp_uniform" and model != "unet":
         raise SystemExit("fp_uniform is DDIM's uniform schedule: for the DiT use fp.")
+    if method in BASELINES:  # no search: one row whatever the fitness, its fid_2k a FID
+        overrides = [*overrides, "search.fitness=fid"]
     run = _run_config(budget, method, seed, overrides, model)
     t0 = time.perf_counter()
     budget_total = None
@@ -238,7 +240,7 @@ def main() -> None:
     done = {
         (r["method"], r["seed"])
         for r in rows
-        if r.get("fitness", "fid") == run.search.fitness
+        if r["method"] in BASELINES or r.get("fitness", "fid") == run.search.fitness
     }
     root = Path(args.workdir_root) / args.model
     for method in args.methods.split(","):

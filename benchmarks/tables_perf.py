@@ -126,7 +126,7 @@ def _perf_sampling(d: dict) -> str:
 
 
 KERNEL_PROGRAMS = {
-    "quant_f32": "search fitness (the default)",
+    "quant_f32": "search fitness (fid, f32 convs: the default layout)",
     "quant_f32_concat": "search fitness, GroupNorm of the skip concatenation (before)",
     "quant_int8": "search fitness, int8 integer convs asked for explicitly",
     "quant_bf16": "search fitness, bf16 integer convs",

@@ -143,7 +143,8 @@ def _search_sources(d: dict) -> str:
     dates = sorted({r["date"][:10] for r in rows})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     return (f"*{devices}; {when}; each row one `python -m benchmarks.search_table "
-            "--model MODEL --budget B --methods M --seeds S` (the JSON gives each "
+            "--model MODEL --budget B --methods M --seeds S [--override "
+            "search.fitness=F]` (the JSON gives each "
             "row's device, command and date, or where its `provenance_note` says "
             "so, its part file's date)" + _rescore_source(rows) +
             " → `benchmarks/results/search_table.json`*")  # fmt: skip

@@ -115,6 +115,11 @@ def test_quant_uniform_merge_keeps_each_calibrations_widths(tmp_path):
     table = quant_uniform_table(merged)
     assert "min-MSE of widths {8,7,6,5,4}" in table and "GPTAQ of widths {8,6,4}" in table
     assert "2026-01-01 to 2026-02-01" in table
+    # one kind at two width sets would mix its rows: refused
+    b["calibrations"] = {"minmse": a["calibrations"]["minmse"]}
+    paths[1].write_text(json.dumps(b))
+    with pytest.raises(SystemExit, match=r"minmse calibrated at widths \[8, 7, 6, 5, 4\] and \[8, 6, 4\]"):
+        merge([str(p) for p in paths], str(tmp_path), "m2.json")
 
 
 def test_search_table_merge_keeps_parts_and_replaces_rerun_rows(tmp_path):

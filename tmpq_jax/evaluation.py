@@ -51,6 +51,13 @@ from tmpq_jax.metrics.spaces import pixel_features, precision_recall
 from tmpq_jax.sampling import LoadedModel, sample
 
 FID_NAME = "FID (FMNIST classifier features)"
+# What a search's fitness values are (the archive's `fid`, `fid_search`, the plots).
+FITNESS_NAMES = {
+    "fid": FID_NAME,
+    "teacher": "teacher distance (to the full-precision model's samples; 0 = equal)",
+    "ensemble": "ensemble FID (the fitness nets' mean, in the first net's units)",
+}
+FITNESS_SHORT = {"fid": "FID", "teacher": "teacher distance", "ensemble": "ensemble FID"}
 PR_MAX = 5000  # precision/recall on at most this many samples per set
 # The shipped evaluation nets (configs/eval_nets.py): never given to a fitness.
 SHIPPED_EVAL_NETS = (

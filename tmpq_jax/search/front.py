@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tmpq_jax import files
-from tmpq_jax.evaluation import FID_NAME
+from tmpq_jax.evaluation import FITNESS_NAMES
 from tmpq_jax.genome_file import write_genome
 from tmpq_jax.provenance import provenance
 from tmpq_jax.search.outputs import _command, _genome_entry
@@ -63,7 +63,7 @@ def write_front(
         workdir / FRONT_FILE,
         {
             **best,
-            "metric": FID_NAME,
+            "metric": FITNESS_NAMES[cfg.fitness],
             "method": cfg.strategy,
             "objective": cfg.objective,
             "budget_bitops": setup.budget,
@@ -73,12 +73,14 @@ def write_front(
             **provenance(_command()),
         },
     )
-    front_plot(t, mask, points, setup.budget, workdir / FRONT_PLOT)
+    front_plot(t, mask, points, setup.budget, workdir / FRONT_PLOT, cfg.fitness)
     costs = [e["total_bitops"] for e in entries]
     return {"file": FRONT_FILE, "points": len(entries), "total_bitops": costs}
 
 
-def front_plot(t: dict, mask: np.ndarray, points, budget: float, path: Path) -> None:
+def front_plot(
+    t: dict, mask: np.ndarray, points, budget: float, path: Path, fitness: str = "fid"
+) -> None:
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
     ax.scatter(
@@ -94,7 +96,7 @@ def front_plot(t: dict, mask: np.ndarray, points, budget: float, path: Path) -> 
     )
     ax.axvline(budget, ls="--", c="0.3", lw=1, label="budget (the front's bound)")
     ax.set_xlabel("total BitOPs per image (all steps)")
-    ax.set_ylabel(FID_NAME)
+    ax.set_ylabel(FITNESS_NAMES[fitness])
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()

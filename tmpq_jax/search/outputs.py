@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from tmpq_jax import files
 from tmpq_jax.checkpoint import REPO_ROOT
 from tmpq_jax.diffusion.flow import gene_times
-from tmpq_jax.evaluation import FID_NAME, Evaluator
+from tmpq_jax.evaluation import FITNESS_NAMES, Evaluator
 from tmpq_jax.genome_file import genome_to_dict, write_genome
 from tmpq_jax.images import save_grid
 from tmpq_jax.provenance import provenance
@@ -228,7 +228,7 @@ def write_outputs(
     files.write_json(
         workdir / "pareto.json",
         {
-            "metric": FID_NAME,
+            "metric": FITNESS_NAMES[cfg.fitness],
             "num_samples": cfg.num_samples,
             "points": [
                 {
@@ -264,11 +264,12 @@ def write_outputs(
         )
         for _, _, i, scores in ranked
     ]
-    files.write_json(workdir / "topk.json", {"metric": FID_NAME, "genomes": top})
+    metric = FITNESS_NAMES[cfg.fitness]  # of fid_search; `rescored` names its own
+    files.write_json(workdir / "topk.json", {"metric": metric, "genomes": top})
     seed = 0  # generation 0 starts with the seed genome (quad + uniform bits)
     result = dict(top[0])
     result.update(
-        metric=FID_NAME,
+        metric=metric,
         method=cfg.strategy,
         space=cfg.space,
         budget_bitops=setup.budget,

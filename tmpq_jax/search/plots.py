@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from tmpq_jax import files
 from tmpq_jax.diffusion.schedules import quad_group_bounds, quad_timesteps
-from tmpq_jax.evaluation import FID_NAME
+from tmpq_jax.evaluation import FITNESS_NAMES
 
 
 def _subplots(figsize) -> tuple[Figure, object]:
@@ -25,7 +25,7 @@ def _save(fig: Figure, path: Path) -> None:
     files.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
 
 
-def fid_vs_bitops(t, mask, front, budget, path: Path) -> None:
+def fid_vs_bitops(t, mask, front, budget, path: Path, fitness: str = "fid") -> None:
     fig, ax = _subplots((6.4, 4.4))
     g = t["generation"]
     sc = ax.scatter(
@@ -55,7 +55,7 @@ def fid_vs_bitops(t, mask, front, budget, path: Path) -> None:
     )
     ax.axvline(budget, ls="--", c="0.3", lw=1, label="budget")
     ax.set_xlabel("total BitOPs per image (all steps)")
-    ax.set_ylabel(FID_NAME)
+    ax.set_ylabel(FITNESS_NAMES[fitness])
     ax.set_yscale("log")
     fig.colorbar(sc, ax=ax, label="generation")
     ax.legend(fontsize=7)
@@ -101,7 +101,8 @@ def timesteps(best: dict, num_steps: int, num_timesteps: int, path: Path) -> Non
 
 
 def write_all(setup, t, mask, front, best: dict, workdir: Path) -> None:
-    fid_vs_bitops(t, mask, front, setup.budget, workdir / "fid_vs_bitops.png")
+    fitness = setup.run.search.fitness
+    fid_vs_bitops(t, mask, front, setup.budget, workdir / "fid_vs_bitops.png", fitness)
     bit_allocation(setup.registry, best, workdir / "bit_allocation.png")
     timesteps(
         best,
