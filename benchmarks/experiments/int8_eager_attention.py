@@ -77,8 +77,14 @@ def measure(batch: int, tokens: int, heads: int, dim: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir")
+    ap.add_argument(
+        "--shapes",
+        default="64x49x1x64,64x196x4x64",
+        help="batch x tokens x heads x dim, comma-separated (the UNet's 7x7 attention "
+        "and a DiT-like one; 64x48x1x64,64x52x1x64,64x196x1x64 test alignment)",
+    )
     args = ap.parse_args()
-    rows = [measure(64, 49, 1, 64), measure(64, 196, 4, 64)]
+    rows = [measure(*map(int, s.split("x"))) for s in args.shapes.split(",")]
     for r in rows:
         print(r)
     print(
