@@ -107,7 +107,7 @@ def test_quant_uniform_merge_keeps_each_calibrations_widths(tmp_path):
     for part in (a, b):
         next(iter(part["calibrations"].values()))["settings"] = {"seconds": 3.0}
     paths = [tmp_path / "a.json", tmp_path / "b.json"]
-    for p, part in zip(paths, (a, b)):
+    for p, part in zip(paths, (a, b), strict=True):
         p.write_text(json.dumps(part))
     merged = json.loads(merge([str(p) for p in paths], str(tmp_path), "m.json").read_text())
     assert merged["calibrations"]["gptaq"]["candidates"] == [8, 6, 4]
