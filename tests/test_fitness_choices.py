@@ -198,6 +198,16 @@ def test_bad_fitness_inputs_are_one_line(tmp_path, capsys):
     assert not wd.exists()
 
 
+def test_every_fitness_names_its_values_and_only_fid_calls_them_fid():
+    from tmpq_jax.evaluation import FITNESS_NAMES
+    from tmpq_jax.search.config import FITNESSES
+
+    assert set(FITNESS_NAMES) == set(FITNESSES)
+    others = [FITNESS_NAMES[f] for f in FITNESSES if f != "fid"]
+    assert all(not n.startswith("FID") for n in others)  # a teacher distance is no FID
+    assert len(set(FITNESS_NAMES.values())) == len(FITNESSES)
+
+
 def test_config_groups_one_source_of_defaults():
     # The paper protocol file restates nothing: it is the dataclass defaults.
     paper = SearchRunConfig.from_configdict(load_config("configs/fmnist_search.py"))

@@ -12,6 +12,7 @@ import pytest
 
 from tmpq_jax.diffusion.schedules import DiffusionConfig
 from tmpq_jax.errors import UserError
+from tmpq_jax.evaluation import FITNESS_NAMES
 from tmpq_jax.genome_file import read_genome
 from tmpq_jax.metrics.classifier import Classifier, ClassifierConfig
 from tmpq_jax.metrics.feature_net import FeatureNet
@@ -168,6 +169,9 @@ def test_outputs(setup, full_run):
     fids = [t["rescored"]["fid"] for t in top]
     assert fids == sorted(fids) and result["rescored"]["fid"] == fids[0]
     assert result["rescored"]["num_samples"] == 24
+    # the files name what their fitness values are: FID here (fitness fid)
+    assert result["metric"] == FITNESS_NAMES["fid"]
+    assert json.loads((wd / "pareto.json").read_text())["metric"] == FITNESS_NAMES["fid"]
     pts = json.loads((wd / "pareto.json").read_text())["points"]
     for p in pts:  # nothing on the front is dominated by another front point
         assert not any(

@@ -463,7 +463,7 @@ def cmd_search(args, overrides) -> int:
     )
     from tmpq_jax import compilation_cache
     from tmpq_jax.config import load_config
-    from tmpq_jax.evaluation import FID_NAME, FITNESS_SHORT
+    from tmpq_jax.evaluation import FID_NAME
     from tmpq_jax.search import SearchRunConfig, search
 
     compilation_cache.enable()  # a resume or another seed skips the compiles
@@ -495,7 +495,7 @@ def cmd_search(args, overrides) -> int:
     rs = r["rescored"]
     print(
         f"best genome: {FID_NAME} {rs['fid']:.3f} on {rs['num_samples']} samples "
-        f"({FITNESS_SHORT[run.search.fitness]} {r['fid_search']:.3f} on the search's "
+        f"({run.search.fitness} fitness {r['fid_search']:.3f} on the search's "
         f"{r['search_samples']}); "
         f"{r['total_bitops'] / 1e9:.2f} GBitOPs over {len(r['timesteps'])} steps "
         f"(budget {r['budget_bitops'] / 1e9:.2f}); timesteps {r['timesteps']}"

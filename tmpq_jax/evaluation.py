@@ -57,7 +57,6 @@ FITNESS_NAMES = {
     "teacher": "teacher distance (to the full-precision model's samples; 0 = equal)",
     "ensemble": "ensemble FID (the fitness nets' mean, in the first net's units)",
 }
-FITNESS_SHORT = {"fid": "FID", "teacher": "teacher distance", "ensemble": "ensemble FID"}
 PR_MAX = 5000  # precision/recall on at most this many samples per set
 # The shipped evaluation nets (configs/eval_nets.py): never given to a fitness.
 SHIPPED_EVAL_NETS = (

@@ -124,8 +124,8 @@ def quantized_in_float(layer, call, left: numerics.ActQuant, right: numerics.Act
     arithmetic done in float: each operand fake-quantized as AQT quantizes it,
     then the float dot. The same to f32 rounding (the products are small integers
     times the scales), with no int8 kernel: for op-by-op callers (the gptaq pass,
-    jit off under the interceptor), where XLA:GPU's lone int8 dot_general with
-    batch dimensions is suspected of the gptaq fault (docs/qwix.md)."""
+    jit off under the interceptor): XLA:GPU computes a lone int8 batched
+    dot_general wrong at some shapes, which broke gptaq on the H100 (docs/qwix.md)."""
 
     def op(a, b, dimension_numbers):
         a = numerics.fake_quant_activation(a, left)[0]

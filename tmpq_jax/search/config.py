@@ -181,7 +181,7 @@ class ScoringConfig:
     only (never the test split's, which every reported figure uses)."""
 
     # teacher: at W6A6 on the GPU it scored as well as or better than fid in every
-    # evaluation space (3 seeds; docs/results.md), and it needs no data.
+    # evaluation space (3 seeds; docs/results.md), and it needs no dataset statistics.
     fitness: str = "teacher"  # teacher | fid | ensemble (see FITNESSES)
     num_samples: int = 2000
     # teacher: the full-precision model's DDIM samples over `teacher_steps` steps

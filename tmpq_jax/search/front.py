@@ -79,7 +79,7 @@ def write_front(
 
 
 def front_plot(
-    t: dict, mask: np.ndarray, points, budget: float, path: Path, fitness: str = "fid"
+    t: dict, mask: np.ndarray, points, budget: float, path: Path, fitness: str
 ) -> None:
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()

@@ -25,7 +25,7 @@ def _save(fig: Figure, path: Path) -> None:
     files.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
 
 
-def fid_vs_bitops(t, mask, front, budget, path: Path, fitness: str = "fid") -> None:
+def fid_vs_bitops(t, mask, front, budget, path: Path, fitness: str) -> None:
     fig, ax = _subplots((6.4, 4.4))
     g = t["generation"]
     sc = ax.scatter(
