@@ -54,6 +54,7 @@ from tmpq_jax.quant import cost, unet_registry
 from tmpq_jax.sampling import load_model
 from tmpq_jax.search import SearchRunConfig, prepare
 from tmpq_jax.search import budget as B
+from tmpq_jax.search.config import fitness_label
 from tmpq_jax.search.outputs import (
     feasible_mask,
     rescore_and_select,
@@ -228,7 +229,7 @@ def run_unit(a, unit: tuple, root: Path) -> list[dict]:
         r.setdefault("budget", budget)
         total = B.budget_bitops(setup.registry, *parse_budget(budget))
         r.setdefault("budget_bitops", total)
-        r.update(method=method, seed=seed, unit="/".join(map(str, unit)), fitness=s.fitness,
+        r.update(method=method, seed=seed, unit="/".join(map(str, unit)), fitness=fitness_label(s),
                  protocol={k: getattr(s, k) for k in (*PROTOCOL, *RESCORE)}, bits="8,7,6,5,4",
                  wall_s=round(time.perf_counter() - t0, 2),
                  **{k: prov[k] for k in ROW_PROVENANCE})  # fmt: skip

@@ -36,6 +36,7 @@ from tmpq_jax.evaluation import FID_NAME, Evaluator
 from tmpq_jax.metrics import fid
 from tmpq_jax.quant import cost
 from tmpq_jax.search import SearchRunConfig, prepare, search
+from tmpq_jax.search.config import fitness_label
 from tmpq_jax.search.outputs import rescore, rescore_images
 from tmpq_jax.search.run import read_log
 
@@ -168,7 +169,7 @@ def run_row(method, budget, seed, root: Path, overrides, model="unet") -> dict:
     prov = provenance()
     scores = r.get("rescored") or {}
     r.update(
-        fitness=run.search.fitness,
+        fitness=fitness_label(run.search),
         fid=scores.get("fid"),
         **{k: v for k, v in scores.items() if k.startswith("fid_eval_")},
         precision=scores.get("precision"),
@@ -240,7 +241,7 @@ def main() -> None:
     done = {
         (r["method"], r["seed"])
         for r in rows
-        if r["method"] in BASELINES or r.get("fitness", "fid") == run.search.fitness
+        if r["method"] in BASELINES or r.get("fitness", "fid") == fitness_label(run.search)
     }
     root = Path(args.workdir_root) / args.model
     for method in args.methods.split(","):

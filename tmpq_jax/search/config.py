@@ -222,6 +222,15 @@ class ScoringConfig:
             )
 
 
+def fitness_label(search) -> str:
+    """The fitness as result rows name it: its name, except a teacher whose feature
+    term is weighted other than 1 (`teacher_pixels` at 0: pixels only)."""
+    w = search.teacher_feature_weight
+    if search.fitness != "teacher" or w == 1.0:
+        return search.fitness
+    return "teacher_pixels" if w == 0 else f"teacher_w{w:g}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ComputeConfig:
     """How the work is laid out: memory and devices, not what is computed."""
