@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import provenance, write_json
-from benchmarks.search_table import _run_config
+from benchmarks.search_table import _run_config, eval_scores
 from tmpq_jax.genome_file import genome_from_dict
 from tmpq_jax.search import prepare
 from tmpq_jax.search.outputs import rescore
@@ -72,7 +72,7 @@ def rescore_rows(rows, budget: str, root: Path, overrides=(), model: str = "unet
             "fid_10k": scores["fid"],
             "rescored": scores,
             "fid": scores["fid"],
-            **{k: v for k, v in scores.items() if k.startswith("fid_eval_")},
+            **eval_scores(scores),
             "precision": scores.get("precision"),
             "recall": scores.get("recall"),
             **{f"rescore_{k}": prov[k] for k in ("device", "date", "command")},

@@ -144,6 +144,15 @@ def units(a, reg) -> list[tuple]:
     return out
 
 
+def check_unit(a, unit: tuple, reg) -> None:
+    """Refuses a unit whose space cannot fit its own budget (fp_steps's is the
+    float model's at the budget's N, not the budget's bits)."""
+    method, budget, seed, n = unit
+    s = run_config(a, method, budget, seed, n).search
+    total = B.budget_bitops(reg, s.budget_w_bits, s.budget_a_bits, s.budget_steps)
+    B.check_budget(GenomeSpace.build(s, reg), reg, total)
+
+
 def shard(work: list[tuple], spec: str | None) -> list[tuple]:
     """This process's units of `--shard I/K`: greedy by cost (longest first)."""
     if not spec:
@@ -385,9 +394,8 @@ def main() -> None:
         done = {r["unit"] for f in parts for r in json.loads(f.read_text())["rows"]}
         reg = unet_registry(load_model().config)
         work = units(a, reg)
-        for m, b, seed, n in (u for u, _ in work):  # refused before any work
-            space = GenomeSpace.build(run_config(a, m, b, seed, n).search, reg)
-            B.check_budget(space, reg, B.budget_bitops(reg, *parse_budget(b)))
+        for u, _ in work:  # refused before any work
+            check_unit(a, u, reg)
         if not (root / "calibration").is_dir():  # one for every unit, made once
             if a.shard:
                 raise SystemExit(f"{root}/calibration: make it in one call first")

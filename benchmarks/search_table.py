@@ -130,6 +130,15 @@ def _uniform_row(setup, ev: Evaluator) -> dict:
     }
 
 
+def eval_scores(scores: dict) -> dict:
+    """One `fid_eval_<space>` key per evaluation space of a re-scoring: the nets'
+    and pooled pixels' (`fid_pixels` in the evaluator's report)."""
+    out = {k: v for k, v in scores.items() if k.startswith("fid_eval_")}
+    if "fid_pixels" in scores:
+        out["fid_eval_pixels"] = scores["fid_pixels"]
+    return out
+
+
 def run_row(method, budget, seed, root: Path, overrides, model="unet") -> dict:
     # DDIM's uniform steps mean nothing to a flow model
     if method == "fp_uniform" and model != "unet":
@@ -171,7 +180,7 @@ def run_row(method, budget, seed, root: Path, overrides, model="unet") -> dict:
     r.update(
         fitness=fitness_label(run.search),
         fid=scores.get("fid"),
-        **{k: v for k, v in scores.items() if k.startswith("fid_eval_")},
+        **eval_scores(scores),
         precision=scores.get("precision"),
         recall=scores.get("recall"),
     )
@@ -202,6 +211,8 @@ def merge(paths: list[str], out_dir: str | None) -> Path:
         fill = len(p.get("parts", [p])) == 1
         for r in p["rows"]:
             r = {**{k: p[k] for k in ROW_PROVENANCE}, **r} if fill else r
+            if "fid_eval_resnet" in r:  # rows written before pixels had a key
+                r = {**r, **eval_scores(r.get("rescored") or {})}
             key = (r.get("model", "unet"), r["budget"], r["method"], r["seed"])
             key += (r.get("fitness", "fid"),)
             rows.pop(key, None)
@@ -209,11 +220,14 @@ def merge(paths: list[str], out_dir: str | None) -> Path:
     payload = {
         **parts[-1],
         "rows": list(rows.values()),
-        "parts": [
-            {k: q[k] for k in ROW_PROVENANCE}
-            for p in parts
-            for q in p.get("parts", [p])
-        ],
+        # once each: a table merged with its own re-scoring repeats its parts
+        "parts": list(
+            {
+                json.dumps(q2 := {k: q[k] for k in ROW_PROVENANCE}): q2
+                for p in parts
+                for q in p.get("parts", [p])
+            }.values()
+        ),
     }
     return write_json("search_table.json", payload, out_dir or RESULTS)
 

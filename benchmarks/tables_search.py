@@ -43,7 +43,7 @@ def _mean_std(values: list[float], seeds: bool = True) -> str:
 _SCORES = (("fid_10k", "FID clf."), ("fid_eval_resnet", "FID ResNet"),
            ("fid_eval_simclr", "FID SimCLR"), ("fid_pixels", "FID pixels"),
            ("precision", "P"), ("recall", "R"))  # fmt: skip
-_FITNESSES = ("fid", "teacher", "ensemble")
+_FITNESSES = ("fid", "teacher", "teacher_pixels", "ensemble")
 
 
 def _score(r: dict, key: str):
@@ -102,9 +102,13 @@ def search_table(d: dict) -> str:
         out += ["", md_table(head + ["GBitOPs", "evaluations"], cells)]
         if missing:
             out += ["", f"Not yet run: {'; '.join(missing)}."]
-        protocols = {json.dumps(r["protocol"]) for r in rows if "protocol" in r}
-        for p in sorted(protocols):
-            out += ["", f"Protocol of the rows that record one: `{p}`."]
+        protocols: dict[str, set] = {}  # protocol -> the (method, fitness) rows
+        for r in rows:
+            if "protocol" in r and r["method"] not in ("fp", "fp_uniform", "uniform"):
+                who = f"{r['method']} / {r.get('fitness', 'fid')}"
+                protocols.setdefault(json.dumps(r["protocol"]), set()).add(who)
+        for p, who in sorted(protocols.items()):
+            out += ["", f"Protocol of {', '.join(sorted(who))}: `{p}`."]
         out.append("")
     legend = (
         "*Mean ± standard deviation over seeds of each method's best genome, 10k "

@@ -153,3 +153,24 @@ def test_search_table_merge_keeps_parts_and_replaces_rerun_rows(tmp_path):
     assert got == [(0, 3.0), (1, 3.5), (2, 3.6)]
     text = search_table(out)
     assert "| fid | 3 | 3.37 ± 0.32 |" in text and "Not yet run: precision, fid (seed 0, 1, 2)" in text
+
+
+def test_search_table_rows_carry_every_space_and_parts_appear_once(tmp_path):
+    """Merging fills `fid_eval_pixels` from a row's re-scoring, lists a part merged
+    twice once, and every committed row names its fitness and every space."""
+    from benchmarks.search_table import merge as merge_table
+
+    scores = {"fid": 4.0, "fid_eval_resnet": 0.8, "fid_pixels": 1.2}
+    row = {"budget": "w6a6", "method": "joint", "seed": 0, "fitness": "teacher"}
+    row |= {"fid_eval_resnet": 0.8, "rescored": scores}
+    p = tmp_path / "p.json"
+    head = {"device": "gpu", "date": "2026-01-01T00:00:00+00:00", "command": "c"}
+    p.write_text(json.dumps({**head, "rows": [row]}))
+    out = json.loads(merge_table([str(p), str(p)], str(tmp_path)).read_text())
+    assert out["rows"][0]["fid_eval_pixels"] == 1.2 and len(out["parts"]) == 1
+
+    table = json.loads((ROOT / "benchmarks/results/search_table.json").read_text())
+    need = ("fitness", "fid", "fid_eval_resnet", "fid_eval_simclr", "fid_eval_pixels")
+    need += ("precision", "recall")
+    for r in table["rows"]:
+        assert all(r.get(k) is not None for k in need), (r["budget"], r["method"])

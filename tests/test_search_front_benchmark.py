@@ -184,6 +184,22 @@ def test_precision_grid_keeps_only_feasible_n(reg, monkeypatch):
     assert (20 in steps) == cost.within_budget(floor[1], budget)
 
 
+def test_every_default_unit_fits_its_own_budget(reg):
+    """The pre-check passes the default methods and budgets (fp_steps is held to
+    the float model's cost at the budget's N, not to the budget's bits: the first
+    GPU run was refused there) and still refuses a budget below its space."""
+    a = argparse.Namespace(methods=S.METHODS, budgets=S.BUDGETS, seeds="0",
+                           precision_factors="0.5,1,2", max_steps=20, min_steps=2,
+                           protocol="tiny", override=[], workdir_root="/nonexistent")  # fmt: skip
+    work = [u for u, _ in S.units(a, reg)]
+    assert {u[0] for u in work} == set(S.METHODS.split(","))
+    for u in work:
+        S.check_unit(a, u, reg)
+    high = argparse.Namespace(**{**vars(a), "min_steps": 4})  # 4 steps cost > 1
+    with pytest.raises(UserError, match="below the cheapest genome"):
+        S.check_unit(high, ("joint", "w4a8x1", 0, None), reg)
+
+
 @pytest.mark.parametrize(
     ("flags", "msg"),
     [

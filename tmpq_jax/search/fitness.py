@@ -124,7 +124,7 @@ class Problem:
     sample_chunk: int = 0
     conv_dtype: Any = None  # integer-valued conv operands in this dtype: see numerics
     fitness: str = "fid"  # fid | ensemble | teacher (see the module doc)
-    teacher_feature_weight: float = 1.0
+    teacher_feature_weight: float = 0.0  # the search's default (config.py)
     sampler: Any = DDIM()  # search/sampler.py: DDIM, or Flow for velocity models
     full_precision: bool = False  # space=timesteps_fp: the float model, no bits
 
