@@ -78,7 +78,8 @@ def search_table(d: dict) -> str:
         out.append(f"**{what}.** Budget: total BitOPs of uniform {w} at 10 steps "
                    f"({gbitops:.1f} GBitOPs per image), bits {cands}.")  # fmt: skip
         cells, missing = [], []
-        for fitness in _FITNESSES:
+        other = {r.get("fitness", "fid") for r in rows} - set(_FITNESSES)
+        for fitness in [*_FITNESSES, *sorted(other)]:  # teacher_w0.5 too
             for method in _LABELS:
                 rs = [r for r in rows if r["method"] == method
                       and r.get("fitness", "fid") == fitness]  # fmt: skip
@@ -134,6 +135,7 @@ def _search_sources(d: dict) -> str:
     by_device: dict[str, dict] = {}
     for r in rows:
         key = (_MODEL[r.get("model", "unet")] + r["budget"].upper(), r["method"])
+        key += (r.get("fitness", "fid"),)
         by_device.setdefault(r["device"], {}).setdefault(key, []).append(r["seed"])
     # the device that ran most rows is "the rest"; the others list their rows
     order = sorted(by_device, key=lambda dev: -sum(map(len, by_device[dev].values())))
@@ -141,8 +143,8 @@ def _search_sources(d: dict) -> str:
     for dev in order[1:]:
         runs = sorted(by_device[dev].items())
         devices += f"; {dev}: " + ", ".join(
-            f"{b} {m} (seed {', '.join(map(str, sorted(seeds)))})"
-            for (b, m), seeds in runs
+            f"{b} {m}{'' if f == 'fid' else ' ' + f} (seed {', '.join(map(str, sorted(seeds)))})"
+            for (b, m, f), seeds in runs
         )
     dates = sorted({r["date"][:10] for r in rows})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"

@@ -56,3 +56,18 @@ def test_the_default_teacher_schedule_is_valid_for_the_shipped_model():
     c = SearchConfig(fitness="teacher")
     ts = np.asarray(timestep_schedule(c.teacher_schedule, c.teacher_steps, 1000))
     assert len(ts) == c.teacher_steps and np.all(np.diff(ts) > 0)
+
+
+@pytest.mark.parametrize(
+    ("fitness", "weight", "label"),
+    [("teacher", 0.0, "teacher_pixels"), ("teacher", 1.0, "teacher"),
+     ("teacher", 0.5, "teacher_w0.5"), ("fid", 0.0, "fid"), ("ensemble", 2.0, "ensemble")],
+)  # fmt: skip
+def test_result_rows_name_the_teacher_by_its_feature_weight(fitness, weight, label):
+    """A pixels-only teacher's rows must not merge with, or pass for, the teacher
+    with features (the search table keys rows by this label)."""
+    from tmpq_jax.search.config import SearchConfig, fitness_label
+
+    cfg = SearchConfig(fitness=fitness, teacher_feature_weight=weight)
+    assert fitness_label(cfg) == label
+    assert fitness_label(SearchConfig()) == "teacher_pixels"  # the default

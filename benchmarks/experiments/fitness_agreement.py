@@ -65,7 +65,9 @@ def main() -> None:
     if a.summarize:  # no measuring: the rows as they are
         d = json.loads((RESULTS / a.summarize).read_text())
         return print(write_json(a.summarize, d | agreement(d["rows"])))
+    # the teacher as measured (pixels + the classifier's features), not today's default
     over = [f"search.num_samples={a.samples}", "search.fitness=teacher",
+            "search.teacher_feature_weight=1.0",
             "search.select=ensemble", f"search.rescore_samples={a.eval_samples}",
             "search.rescore_batch=256", "search.sample_chunk=64"]  # fmt: skip
     setup = prepare(_run_config("w6a6", "joint", 0, over), a.workdir, progress=False)

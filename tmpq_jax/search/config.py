@@ -190,8 +190,8 @@ class ScoringConfig:
     # (at least the candidates' most) from the same noise, made once per search;
     # the fitness is the candidate's squared distance to them relative to the
     # teacher's spread, in pixels plus `teacher_feature_weight` times the same in
-    # the fitness net's features (0: pixels only, no feature net read; the
-    # features' term rewarded genomes that darken the images, docs/results.md).
+    # the fitness net's features (0: pixels only, no feature net read; with the
+    # features' term the genomes missed full precision in pixels, docs/results.md).
     teacher_steps: int = 100
     teacher_schedule: str = "uniform"  # quad repeats steps at 100 of 1000
     teacher_feature_weight: float = 0.0
