@@ -26,11 +26,12 @@ N). Every method searches bits {8,7,6,5,4}, from one calibration made in
 
 `evaluations` is per point: a search's own; the front's divided by the budgets it
 covers; precision's summed over its N. Rows: method, budget, seed, steps,
-total_bitops, fid (the fitness net's space), fid_2 (`fid_eval_resnet`, a space no
-fitness sees) and every fid_eval_*, precision, recall (10k fresh samples, test
-split), device, date, command. Rows are written as they finish; rerunning skips
-units done in any search_front*.json of --out-dir (searches resume from their last
-generation). Set JAX_COMPILATION_CACHE_DIR: every seed runs the same programs.
+total_bitops, fid (the classifier's space: the `fid` fitness's, unseen by the default
+teacher), fid_2 (`fid_eval_resnet`, a space no fitness sees) and every fid_eval_*
+(pixels among them), precision, recall (10k fresh samples, test split), device,
+date, command. Rows are written as they finish; rerunning skips units done in any
+search_front*.json of --out-dir (searches resume from their last generation). Set
+JAX_COMPILATION_CACHE_DIR: every seed runs the same programs.
 """
 
 from __future__ import annotations
@@ -43,9 +44,16 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from benchmarks.common import RESULTS, md_table, provenance, write_json
-from benchmarks.search_table import CONFIGS, PROTOCOL, ROW_PROVENANCE, _uniform_row
+from benchmarks.search_table import (
+    CONFIGS,
+    PROTOCOL,
+    ROW_PROVENANCE,
+    _uniform_row,
+    eval_scores,
+)
 from tmpq_jax import files
 from tmpq_jax.config import load_config
 from tmpq_jax.errors import UserError
@@ -176,9 +184,8 @@ def _search(run: SearchRunConfig, wd: Path):
 
 
 def _scores(s: dict) -> dict:
-    evals = {k: v for k, v in s.items() if k.startswith("fid_eval_")}
     keep = {k: s.get(k) for k in ("fid", "precision", "recall", "select_score")}
-    return {**keep, "fid_2": s.get(FID_2), **evals, "rescored": s}
+    return {**keep, "fid_2": s.get(FID_2), **eval_scores(s), "rescored": s}
 
 
 def front_rows(setup, res: dict, wd: Path, budgets: list[str]) -> list[dict]:
@@ -266,8 +273,13 @@ def with_precision(rows: list[dict]) -> list[dict]:
 
 
 def save(rows: list[dict], out_dir, name: str = NAME, parts=None) -> Path:
-    payload = {**provenance(), "metric": FID_NAME, "rows": with_precision(rows)}
-    return write_json(name, {**payload, **({"parts": parts} if parts else {})}, out_dir)
+    """The rows; a merge's top-level provenance is its last part's (the device that
+    measured, not the machine that merged), every part listed once."""
+    head = parts[-1] if parts else provenance()
+    payload = {**head, "metric": FID_NAME, "rows": with_precision(rows)}
+    if parts:
+        payload["parts"] = list({json.dumps(q, sort_keys=True): q for q in parts}.values())
+    return write_json(name, payload, out_dir)
 
 
 def merge(paths: list[str], out_dir) -> Path:
@@ -277,8 +289,8 @@ def merge(paths: list[str], out_dir) -> Path:
         d = json.loads(Path(p).read_text())
         parts += d.get("parts", [{k: d[k] for k in ROW_PROVENANCE}])
         for r in d["rows"]:
-            if r["method"] != "precision":
-                rows[(r["unit"], r["budget"])] = r
+            if r["method"] != "precision":  # rows of before the pixel key gain it
+                rows[(r["unit"], r["budget"])] = {**eval_scores(r["rescored"]), **r}
     return save(list(rows.values()), out_dir, NAME, parts)
 
 
@@ -316,9 +328,28 @@ def _cell(rs: list[dict], key: str) -> str:
     return f"{np.mean(v):.2f} ± {spread} ({n})"
 
 
+SPACES = (
+    ("fid", "FID clf."),
+    ("fid_2", "FID ResNet"),
+    ("fid_eval_pixels", "FID pixels"),
+)
+
+
+def _spaces(d: dict) -> list[tuple[str, str]]:
+    """(key, label) of each space the rows hold; the one the search optimized (the
+    classifier's, under the `fid` fitness only) is named so, the rest are unseen."""
+    fitness = {r.get("fitness") for r in d["rows"]}
+    out = []
+    for key, name in SPACES:
+        if any(r.get(key) is not None for r in d["rows"]):
+            seen = key == "fid" and fitness == {"fid"}
+            out.append((key, f"{name} ({'the fitness space' if seen else 'unseen'})"))
+    return out
+
+
 def table(d: dict) -> str:
     out = []
-    for key, space in (("fid", "FID clf. (the fitness net's)"), ("fid_2", "FID ResNet (unseen)")):
+    for key, space in _spaces(d):
         rows = []
         for m, by_budget in _groups(d):
             if any(rs for _, rs in by_budget):
@@ -333,34 +364,40 @@ def table(d: dict) -> str:
     dates = sorted({r["date"][:10] for r in d["rows"]})
     when = dates[0] + (f" to {dates[-1]}" if len(dates) > 1 else "")
     protos = "; ".join(sorted({json.dumps(r["protocol"]) for r in d["rows"]}))
+    fits = ", ".join(sorted({r.get("fitness", "fid") for r in d["rows"]}))
+    missing = [LABELS[m] for m, by in _groups(d) if not any(rs for _, rs in by)]
     num = "/".join(sorted({str(r["rescored"]["num_samples"]) for r in d["rows"]}))
     return "\n\n".join(out) + (
         f"\n\n*Mean ± standard deviation [min–max] over seeds, {num} fresh samples "
         "against the test split; N: the steps of the genomes. Budget WwAa xN: total "
         f"BitOPs of uniform WwAa over N steps. Protocol: `{protos}`. {devices}, {when};"
-        f" `python -m benchmarks.search_front` → `benchmarks/results/{NAME}`*"
+        f" `python -m benchmarks.search_front` → `benchmarks/results/{NAME}`. Fitness:"
+        f" {fits}.*" + (f"\n\nNot yet run: {'; '.join(missing)}." if missing else "")
     )
 
 
 def figure(d: dict, path: Path) -> None:
-    """FID against total BitOPs in both spaces: per method and budget, the mean
+    """FID against total BitOPs in each space: per method and budget, the mean
     over seeds with min-max bars; the budgets dotted."""
-    fig = Figure(figsize=(10, 4.8))
-    spaces = (("fid", "FID (FMNIST clf., the fitness space)"),
-              ("fid_2", "FID (ResNet, unseen by the search)"))  # fmt: skip
-    for ax, (key, space) in zip(fig.subplots(1, 2), spaces, strict=True):
+    spaces = _spaces(d)
+    fig = Figure(figsize=(5 * len(spaces), 4.8))
+    axes = fig.subplots(1, len(spaces), squeeze=False)[0]
+    for ax, (key, space) in zip(axes, spaces, strict=True):
         for c, (m, by_budget) in enumerate(_groups(d)):
-            pts = [(np.mean([r["total_bitops"] for r in rs]), np.array([r[key] for r in rs]))
+            pts = [(np.mean([r["total_bitops"] for r in rs]) / 1e9, np.array([r[key] for r in rs]))
                    for _, rs in by_budget if rs and all(r.get(key) for r in rs)]  # fmt: skip
             if pts:
                 x, y = [p[0] for p in pts], np.array([v.mean() for _, v in pts])
                 err = [y - [v.min() for _, v in pts], [v.max() for _, v in pts] - y]
                 ax.errorbar(x, y, yerr=err, fmt="o-", ms=4, capsize=3, c=f"C{c}",
                             label=LABELS[m])  # fmt: skip
-        for b in {r["budget_bitops"] for r in d["rows"]}:
+        budgets = sorted({r["budget_bitops"] / 1e9 for r in d["rows"]})
+        for b in budgets:
             ax.axvline(b, ls=":", c="0.6", lw=0.8)
         ax.set(xscale="log", yscale="log", ylabel=space,
-               xlabel="total BitOPs per image (all steps)")  # fmt: skip
+               xlabel="total GBitOPs per image (all steps); dotted: the budgets")  # fmt: skip
+        ax.set_xticks(budgets, [f"{b:.0f}" for b in budgets])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     files.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))

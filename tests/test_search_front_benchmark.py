@@ -150,8 +150,23 @@ def test_table_and_figure_render_from_the_json_with_the_seed_spread(tmp_path):
     assert "8.00 ± 2.00 [6.00–10.00] (N 5)" in text  # fid_2 in its own table
     assert "| 9.00 (N 6) |" in text and "| 7.5 |" in text  # the front's evaluations
     assert "10000 fresh samples" in text and "W6A6 x6 (0.0 GBitOPs)" in text
+    assert "Not yet run: full precision" in text and "precision-only" in text
     S.figure(d, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("fitness", ["fid", "teacher_pixels"])
+def test_only_the_fid_fitness_claims_the_classifier_space_as_its_own(fitness):
+    """The default teacher sees no FID space: every table says unseen, and the
+    pixel space gets its own table where the rows hold it."""
+    rows = [_row("joint", "w6a6x6", 0, 5, fid=3.0, select=3.0, fitness=fitness,
+                 fid_eval_pixels=1.5)]  # fmt: skip
+    text = S.table({"rows": rows})
+    own = "FID clf. (the fitness space)"
+    assert (own in text) == (fitness == "fid")
+    assert "FID ResNet (unseen)" in text and "FID pixels (unseen)" in text
+    assert "| 1.50 (N 5) |" in text
+    assert "FID pixels" not in S.table({"rows": [_row("joint", "w6a6x6", 0, 5, 3.0, 3.0)]})
 
 
 def test_merge_replaces_a_unit_measured_again(tmp_path):
@@ -165,6 +180,21 @@ def test_merge_replaces_a_unit_measured_again(tmp_path):
     d = json.loads(out.read_text())
     assert [r["fid"] for r in d["rows"]] == [2.0]
     assert [p["command"] for p in d["parts"]] == ["c0", "c1"]
+    assert d["command"] == "c1"  # the measuring part's, not the merging machine's
+
+
+def test_merge_backfills_the_pixel_space_and_lists_each_part_once(tmp_path):
+    """Rows written before `fid_eval_pixels` had a key gain it from their report;
+    a merged file merged again with one of its parts repeats no part."""
+    r = _row("joint", "w6a6x6", 0, 5, fid=3.0, select=3.0)
+    r["rescored"] = {"num_samples": 10_000, "fid_pixels": 0.7}
+    part = {"device": "GPU", "date": "d", "command": "c0", "rows": [r]}
+    (tmp_path / "p0.json").write_text(json.dumps(part))
+    first = S.merge([str(tmp_path / "p0.json")], tmp_path / "m1")
+    again = json.loads(S.merge([str(first), str(tmp_path / "p0.json")], tmp_path).read_text())
+    assert [row["fid_eval_pixels"] for row in again["rows"]] == [0.7]
+    assert [p["command"] for p in again["parts"]] == ["c0"]
+    assert again["device"] == "GPU"
 
 
 def test_precision_grid_keeps_only_feasible_n(reg, monkeypatch):
