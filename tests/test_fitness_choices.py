@@ -180,6 +180,32 @@ def test_teacher_is_zero_for_itself_and_grows_as_bits_drop(parts):
     assert 0.0 < scores[0] < scores[1] < scores[2], scores
 
 
+def test_teacher_selection_runs_the_teacher_once_per_noise(parts, monkeypatch):
+    """Every top-k genome is re-scored on the same fresh noise: its teacher run is
+    made once and reused, with the score of a fresh setup; other noise, another run."""
+    import tmpq_jax.search.setup as setup_mod
+
+    kw = dict(fitness="teacher", teacher_steps=2, select="teacher")
+    setup, fresh = _setup(parts, **kw), _setup(parts, **kw)
+    calls = []
+    real = setup_mod.teacher_samples
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(setup_mod, "teacher_samples", counted)
+    shape = parts[2]
+    x_T, other = np.asarray(_images(shape, 8, 1)), np.asarray(_images(shape, 8, 2))
+    a, b = (np.asarray(_images(shape, 8, s)) for s in (3, 4))
+    first = setup.select_score(a, x_T)
+    assert setup.select_score(b, x_T) == pytest.approx(fresh.select_score(b, x_T))
+    assert len(calls) == 2  # setup's one run (reused for b), fresh's one
+    assert setup.select_score(a, x_T) == first
+    setup.select_score(a, other)
+    assert len(calls) == 3
+
+
 def test_bad_fitness_inputs_are_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="fewer than the candidates' 10 steps") as e:
         SearchConfig(fitness="teacher", teacher_steps=4)

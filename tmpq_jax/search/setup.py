@@ -24,6 +24,7 @@ first ranks (train split or teacher), the second reports (test split only).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,6 +87,9 @@ class Setup:
     ensemble: tuple[NetStats, ...] = ()
     eval_nets: tuple[NetStats, ...] = ()
     teacher_timesteps: np.ndarray | None = None
+    # The teacher's assets on the last noise it was asked for: every top-k genome
+    # is re-scored on the same fresh noise, so its teacher run is made once.
+    _teacher_memo: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def space(self) -> GenomeSpace:
@@ -129,19 +133,31 @@ class Setup:
         return [self.stats, *(s for _, s in self.ensemble)]
 
     def _teacher_score(self, images, x_T, labels=None) -> float:
-        ts = self.teacher_timesteps
-        if ts is None:
-            ts = teacher_timesteps(self.cfg, self.lm)
-        lm, c = self.lm, self.cfg
-        teacher = teacher_samples(
-            lm.model, lm.params, lm.sched, x_T, ts, c.sample_chunk,
-            sampler=self.engine.problem.sampler, labels=labels,
-            guidance=self.assets.guidance,
-        )  # fmt: skip
-        a = teacher_assets(self.assets.net, teacher, c.teacher_feature_weight)
         from tmpq_jax.search.fitness import teacher_distance
 
-        return float(teacher_distance(jnp.asarray(images), a, c.teacher_feature_weight))
+        w = self.cfg.teacher_feature_weight
+        return float(teacher_distance(jnp.asarray(images), self._teacher(x_T, labels), w))
+
+    def _teacher(self, x_T, labels=None) -> Assets:
+        """The teacher's assets for noise `x_T` (and labels), made once per noise."""
+        lm, c, x_T = self.lm, self.cfg, np.ascontiguousarray(x_T)
+        key = hashlib.sha256(x_T.tobytes())
+        key.update(b"" if labels is None else np.ascontiguousarray(labels).tobytes())
+        teacher_cfg = (c.teacher_steps, c.teacher_schedule, c.teacher_feature_weight)
+        key = (x_T.shape, teacher_cfg, key.hexdigest())
+        if key not in self._teacher_memo:
+            ts = self.teacher_timesteps
+            if ts is None:
+                ts = teacher_timesteps(self.cfg, lm)
+            teacher = teacher_samples(
+                lm.model, lm.params, lm.sched, x_T, ts, c.sample_chunk,
+                sampler=self.engine.problem.sampler, labels=labels,
+                guidance=self.assets.guidance,
+            )  # fmt: skip
+            self._teacher_memo.clear()  # one noise at a time: bounded memory
+            a = teacher_assets(self.assets.net, teacher, c.teacher_feature_weight)
+            self._teacher_memo[key] = a
+        return self._teacher_memo[key]
 
     @property
     def evaluator(self) -> Evaluator:
