@@ -33,6 +33,9 @@ import numpy as np
 from benchmarks import perf_sampling as ps
 from benchmarks.common import RESULTS, add_args, ints, provenance, time_fn, write_json
 from benchmarks.perf_sampling import _setup  # experiments.kernel_breakdown's import
+from tmpq_jax.search.config import SearchConfig, fitness_label
+
+DEFAULT_FITNESS = fitness_label(SearchConfig())  # the racing rows' label
 
 
 def _run_chunks(fn, assets, genomes, c: int):
@@ -177,13 +180,14 @@ def summarize(raw: dict) -> dict:
     return out
 
 
-def add_paper_search(out: Path, table_file: Path) -> None:
-    """paper_search_wall_s from a search_table.json's joint W6A6 seed-0 row; with
+def add_paper_search(out: Path, table_file: Path, fitness: str = DEFAULT_FITNESS) -> None:
+    """paper_search_wall_s from a search_table.json's joint W6A6 seed-0 row of
+    `fitness` (a row label; the default: the tool's default fitness); with
     `joint_race` rows, racing_search_wall_s and _fid_10k per seed, the full
     protocol's FIDs of the same seeds beside them."""
     raw, table = json.loads(out.read_text()), json.loads(table_file.read_text())
     key = lambda r: (r["method"], r["budget"], r.get("fitness", "fid"))
-    of = lambda m: {r["seed"]: r for r in table["rows"] if key(r) == (m, "w6a6", "fid")}
+    of = lambda m: {r["seed"]: r for r in table["rows"] if key(r) == (m, "w6a6", fitness)}
     full, race = of("joint"), of("joint_race")
     raw["paper_search_wall_s"] = full[0]["wall_s"]
     raw["paper_search"] = {k: full[0].get(k) for k in ROW_PROVENANCE}
@@ -193,6 +197,7 @@ def add_paper_search(out: Path, table_file: Path) -> None:
         raw["racing_search_fid_10k"] = [race[s]["fid_10k"] for s in seeds]
         raw["full_search_fid_10k"] = [full[s]["fid_10k"] for s in seeds if s in full]
         raw["racing_search"] = {"seeds": seeds, "protocol": race[seeds[0]]["protocol"],
+                                "fitness": fitness,
                                 **{k: race[seeds[0]][k] for k in ROW_PROVENANCE}}  # fmt: skip
     write_json(out.name, summarize(raw), out.parent)
 
@@ -212,6 +217,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--sample-chunks", default="0,1000,500,250", help=h)
     h = "add paper_search_wall_s (the joint W6A6 row's wall time, setup, compile and re-scoring included) from a search_table.json to an existing --out (no measuring)"
     ap.add_argument("--search-table", help=h)
+    h = "with --search-table: the rows' fitness label (default: the default fitness's)"
+    ap.add_argument("--fitness", default=DEFAULT_FITNESS, help=h)
     ap.add_argument("--out", default=str(RESULTS / "perf.json"))
     h = "a partial perf.json: keep its measured sections, run the rest"
     ap.add_argument("--resume", help=h)
@@ -254,7 +261,7 @@ def main(argv=None) -> None:
     a = _parser().parse_args(argv)
     out = Path(a.out)
     if a.search_table:
-        return add_paper_search(out, Path(a.search_table))
+        return add_paper_search(out, Path(a.search_table), a.fitness)
     t0 = time.perf_counter()
     setup = _setup(a.samples, "float32", a.sample_chunk)
     problem = setup.engine.problem

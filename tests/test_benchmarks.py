@@ -100,16 +100,17 @@ def test_racing_rows_reach_perf_json_and_its_target_line(tmp_path):
     full protocol's FIDs of the same seeds; the target line judges both halves."""
     import json
 
-    from benchmarks.perf import add_paper_search
+    from benchmarks.perf import DEFAULT_FITNESS, add_paper_search
     from benchmarks.tables_perf import _perf_targets
 
     prov = {"device": "GPU", "date": "2026-12-07T00:00:00", "command": "c"}
-    row = lambda m, s, fid, wall: {"method": m, "budget": "w6a6", "seed": s,  # noqa: E731
-                                   "fid_10k": fid, "wall_s": wall,
+    row = lambda m, s, fid, wall, fit=DEFAULT_FITNESS: {"method": m, "budget": "w6a6",  # noqa: E731
+                                   "seed": s, "fid_10k": fid, "wall_s": wall, "fitness": fit,
                                    "protocol": {"race_samples": 500}, **prov}  # fmt: skip
     full = [row("joint", s, f, 170.0) for s, f in enumerate((3.6, 4.1, 3.6))]
     fast = [row("joint_race", s, f, w) for s, f, w in ((0, 3.7, 55.0), (1, 3.9, 58.0))]
-    (tmp_path / "t.json").write_text(json.dumps({"rows": full + fast, **prov}))
+    other = [row("joint_race", 0, 9.0, 30.0, "fid"), row("joint", 0, 9.0, 90.0, "fid")]
+    (tmp_path / "t.json").write_text(json.dumps({"rows": other + full + fast, **prov}))
     out = tmp_path / "perf.json"
     out.write_text(json.dumps({"shapes": {}, **prov, "jax_version": "x"}))
     add_paper_search(out, tmp_path / "t.json")
@@ -118,6 +119,7 @@ def test_racing_rows_reach_perf_json_and_its_target_line(tmp_path):
     assert d["racing_search_wall_s"] == [55.0, 58.0]
     assert d["racing_search_fid_10k"] == [3.7, 3.9]
     assert d["full_search_fid_10k"] == [3.6, 4.1]  # the same seeds
+    assert d["racing_search"]["fitness"] == DEFAULT_FITNESS == "teacher_pixels"
     line = [r for r in _perf_targets(d).splitlines() if "racing" in r][0]
     assert "58 s" in line and "| met" in line
     d["racing_search_fid_10k"] = [4.5, 4.7]  # outside the full protocol's spread
