@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from test_search_engine import SEARCH, tiny_parts
 
+from tmpq_jax.diffusion.schedules import quad_timesteps
 from tmpq_jax.errors import ArgumentError, UserError
 from tmpq_jax.genome_file import read_genome
 from tmpq_jax.quant import cost
@@ -110,6 +111,18 @@ def test_generation_zero_spreads_over_the_cost_axis(parts):
     # genome i leans cheaper with i: the costs fall over the population
     assert np.corrcoef(np.arange(32), total)[0, 1] < -0.8
     assert total.max() > 3 * total.min()
+    # with N searched, the even genomes sit on the quad grid of their own N (the
+    # seed's kind of steps), the odd ones keep random timesteps
+    for i, genome in enumerate(np.asarray(g)):
+        d = space.decode(genome)
+        on_grid = np.array_equal(np.unique(d.timesteps), quad_timesteps(int(genome[4])))
+        assert on_grid or i % 2, (i, genome)
+    assert not all(
+        np.array_equal(np.unique(space.decode(x).timesteps), quad_timesteps(int(x[4])))
+        for x in np.asarray(g)[1::2]
+    )
+    # the grid table holds the seed: the budget's steps, padded as the seed is
+    np.testing.assert_array_equal(space.grids[4], space.seed[:4])
 
 
 # -- the search: toy fitness, real engine and host loop -------------------------

@@ -16,7 +16,9 @@ jax.numpy: it runs inside the engine's compiled ask/tell like every strategy.
 
 Generation 0 is the paper's first population, except that its random genomes are
 spread over the cost axis (each one biased towards a random share of cheap genes),
-so that the first front already spans the budget's range. The budget stays the
+so that the first front already spans the budget's range; with N searched, half of
+them sit on the seed's grid (quad steps) at their own N, as a single-budget search
+starts from its budget's quad steps. The budget stays the
 front's upper bound: the engine repairs genomes above it before they are scored.
 `search.objective=front` picks this strategy (`config.py`).
 """
@@ -114,7 +116,8 @@ class NSGA2State:
 def spread_random(space: GenomeSpace, key: jax.Array, num: int) -> jax.Array:
     """`num` random genomes spread over the cost axis: genome i draws its cost
     genes (bits; the step count in `variable` mode) around the i-th of `num`
-    stratified shares of cheapness, its timesteps uniformly. int32[num, D]."""
+    stratified shares of cheapness, its timesteps uniformly (in `variable` mode,
+    the even i take the seed's grid at their step count). int32[num, D]."""
     k_share, k_noise, k_rand = jax.random.split(key, 3)
     share = (jnp.arange(num) + jax.random.uniform(k_share, (num,))) / num
     u = share[:, None] + 0.15 * jax.random.normal(k_noise, (num, space.num_genes))
@@ -125,7 +128,15 @@ def spread_random(space: GenomeSpace, key: jax.Array, num: int) -> jax.Array:
         cost_gene[space.num_steps] = True
     u = jnp.where(jnp.asarray(cheap_high), u, 1.0 - u)
     biased = space.from_unit(jnp.clip(u, 0.0, 1.0 - 1e-6))
-    return jnp.where(jnp.asarray(cost_gene), biased, space.random(k_rand, num))
+    g = jnp.where(jnp.asarray(cost_gene), biased, space.random(k_rand, num))
+    if space.grids is None:
+        return g
+    # variable mode: every other genome takes the seed's kind of grid at its own
+    # step count, so cheap points start from good timesteps, not random ones
+    n = space.num_steps
+    on_grid = jnp.asarray(space.grids)[g[:, n]]
+    even = (jnp.arange(num) % 2 == 0)[:, None]
+    return g.at[:, :n].set(jnp.where(even, on_grid, g[:, :n]))
 
 
 @register("nsga2")

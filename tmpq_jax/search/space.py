@@ -43,6 +43,19 @@ class Decoded(NamedTuple):
     bits: QuantBits  # int32[L] each
 
 
+def _step_grids(n: int, T: int, flow_shift: float | None) -> np.ndarray:
+    """int32[n + 1, n]: row k (>= 1) the k-step grid (quad timesteps, or a flow
+    model's shifted grid), padded with repeats of its last step; row 0 unused."""
+    rows = [np.zeros(n, np.int32)]
+    for k in range(1, n + 1):
+        if flow_shift is not None:
+            grid = flow_gene_groups(k, flow_shift, T)[1] - 1
+        else:
+            grid = quad_timesteps(k, T)
+        rows.append(np.concatenate([grid, np.full(n - k, grid[-1])]))
+    return np.stack(rows).astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class GenomeSpace:
     """Static description of the box; build with `GenomeSpace.build`."""
@@ -56,6 +69,9 @@ class GenomeSpace:
     lo: np.ndarray  # int32[D]
     hi: np.ndarray  # int32[D], exclusive
     seed: np.ndarray  # int32[D], the quad / uniform-precision starting genome
+    # variable mode: row k holds the seed's kind of timestep genes at k steps (the
+    # quad schedule, or a flow model's shifted grid), padded as the seed is
+    grids: np.ndarray | None = None  # int32[num_steps + 1, num_steps]
 
     @classmethod
     def build(
@@ -83,16 +99,14 @@ class GenomeSpace:
         if cfg.space == "precision":
             t_lo, t_hi = quad, quad + 1
         n_gene = [(cfg.min_steps, n + 1, n)] if cfg.timestep_mode == "variable" else []
+        grids = None
         if n_gene and cfg.space != "precision":
             # The seed: the budget's own steps (quad, or the shifted grid), padded
             # with repeats of its last: uniform seed bits at budget_steps meet a
             # budget of the same bits, as at a fixed N.
+            grids = _step_grids(n, T, flow_shift)
             k = min(max(cfg.budget_steps, cfg.min_steps), n)
-            if flow_shift is not None:
-                grid = flow_gene_groups(k, flow_shift, T)[1] - 1
-            else:
-                grid = quad_timesteps(k, T)
-            quad = np.concatenate([grid, np.full(n - k, grid[-1])]).astype(np.int32)
+            quad = grids[k]
             n_gene = [(cfg.min_steps, n + 1, k)]
         seed_w, seed_a = cfg.seed_w_bits, cfg.seed_a_bits
         if cfg.space == "timesteps_fp":  # every layer in float: 32 bits, one value
@@ -121,6 +135,7 @@ class GenomeSpace:
             lo=lo.astype(np.int32),
             hi=hi.astype(np.int32),
             seed=seed.astype(np.int32),
+            grids=grids,
         )
 
     # -- layout ---------------------------------------------------------------
