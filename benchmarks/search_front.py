@@ -29,9 +29,10 @@ covers; precision's summed over its N. Rows: method, budget, seed, steps,
 total_bitops, fid (the classifier's space: the `fid` fitness's, unseen by the default
 teacher), fid_2 (`fid_eval_resnet`, a space no fitness sees) and every fid_eval_*
 (pixels among them), precision, recall (10k fresh samples, test split), device,
-date, command. Rows are written as they finish; rerunning skips units done in any
-search_front*.json of --out-dir (searches resume from their last generation). Set
-JAX_COMPILATION_CACHE_DIR: every seed runs the same programs.
+date, command, wall_s and generations_s (the generations' own seconds; the rest is
+setup, compiles and re-scoring). Rows are written as they finish; rerunning skips
+units done in any search_front*.json of --out-dir (searches resume from their last
+generation). Set JAX_COMPILATION_CACHE_DIR: every seed runs the same programs.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from tmpq_jax.search.outputs import (
     top_k_distinct,
     write_outputs,
 )
-from tmpq_jax.search.run import finished_result, run_generations
+from tmpq_jax.search.run import finished_result, read_log, run_generations
 from tmpq_jax.search.space import GenomeSpace
 
 NAME = "search_front.json"
@@ -238,8 +239,9 @@ def run_unit(a, unit: tuple, root: Path) -> list[dict]:
                          **_scores(res["rescored"]))]  # fmt: skip
         if method == "precision_n":
             rows[0]["grid"] = precision_steps(a, budget, setup.registry)
+        gens = sum(g["wall_s"] for g in read_log(wd))  # the rest: setup, re-scoring
         for r in rows:
-            r["workdir"] = str(wd)
+            r.update(workdir=str(wd), generations_s=round(gens, 2))
     s, prov = run.search, provenance()
     for r in rows:
         r.setdefault("budget", budget)
