@@ -189,8 +189,11 @@ def add_paper_search(out: Path, table_file: Path, fitness: str = DEFAULT_FITNESS
     key = lambda r: (r["method"], r["budget"], r.get("fitness", "fid"))
     of = lambda m: {r["seed"]: r for r in table["rows"] if key(r) == (m, "w6a6", fitness)}
     full, race = of("joint"), of("joint_race")
+    if 0 not in full:
+        raise SystemExit(f"{table_file}: no joint W6A6 row of fitness {fitness!r} "
+                         "(seed 0); run search_table for it, or pass --fitness.")  # fmt: skip
     raw["paper_search_wall_s"] = full[0]["wall_s"]
-    raw["paper_search"] = {k: full[0].get(k) for k in ROW_PROVENANCE}
+    raw["paper_search"] = {"fitness": fitness, **{k: full[0].get(k) for k in ROW_PROVENANCE}}
     if race:
         seeds = sorted(race)
         raw["racing_search_wall_s"] = [race[s]["wall_s"] for s in seeds]

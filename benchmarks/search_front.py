@@ -29,8 +29,8 @@ covers; precision's summed over its N. Rows: method, budget, seed, steps,
 total_bitops, fid (the classifier's space: the `fid` fitness's, unseen by the default
 teacher), fid_2 (`fid_eval_resnet`, a space no fitness sees) and every fid_eval_*
 (pixels among them), precision, recall (10k fresh samples, test split), device,
-date, command, wall_s and generations_s (the generations' own seconds; the rest is
-setup, compiles and re-scoring). Rows are written as they finish; rerunning skips
+date, command, wall_s (this process's) and generations_s (the generations' own
+seconds, of every process when `resumed`; the rest is setup, compiles and re-scoring). Rows are written as they finish; rerunning skips
 units done in any search_front*.json of --out-dir (searches resume from their last
 generation). Set JAX_COMPILATION_CACHE_DIR: every seed runs the same programs.
 """
@@ -229,6 +229,7 @@ def run_unit(a, unit: tuple, root: Path) -> list[dict]:
         tag = f"{method}_n{n}" if n else method
         wd = root / (f"front_{budget}" if method == "front" else budget)
         wd = wd / f"{tag}_s{seed}"
+        resumed = bool(read_log(wd))  # then generations_s counts earlier processes too
         setup, res = _search(run, wd)
         if method == "front":
             rows = front_rows(setup, res, wd, a.budgets.split(","))
@@ -239,9 +240,10 @@ def run_unit(a, unit: tuple, root: Path) -> list[dict]:
                          **_scores(res["rescored"]))]  # fmt: skip
         if method == "precision_n":
             rows[0]["grid"] = precision_steps(a, budget, setup.registry)
-        gens = sum(g["wall_s"] for g in read_log(wd))  # the rest: setup, re-scoring
+        log = read_log(wd)  # the rest of wall_s: setup, compiles, re-scoring
+        gens = round(sum(g["wall_s"] for g in log), 2)
         for r in rows:
-            r.update(workdir=str(wd), generations_s=round(gens, 2))
+            r.update(workdir=str(wd), generations_s=gens, resumed=resumed)
     s, prov = run.search, provenance()
     for r in rows:
         r.setdefault("budget", budget)
@@ -285,7 +287,9 @@ def save(rows: list[dict], out_dir, name: str = NAME, parts=None) -> Path:
 
 
 def merge(paths: list[str], out_dir) -> Path:
-    """One file from parts; a unit measured again replaces the earlier."""
+    """One file from parts; a unit measured again replaces the earlier. Its parts:
+    every command its rows were measured by (a file resumed across calls names
+    only its last in its top level), at its first date."""
     rows, parts = {}, []
     for p in paths:
         d = json.loads(Path(p).read_text())
@@ -293,6 +297,10 @@ def merge(paths: list[str], out_dir) -> Path:
         for r in d["rows"]:
             if r["method"] != "precision":  # rows of before the pixel key gain it
                 rows[(r["unit"], r["budget"])] = {**eval_scores(r["rescored"]), **r}
+    first: dict = {}
+    for r in sorted(rows.values(), key=lambda r: r["date"]):
+        first.setdefault((r["device"], r["command"]), r["date"])
+    parts += [dict(device=d, date=t, command=c) for (d, c), t in first.items()]
     return save(list(rows.values()), out_dir, NAME, parts)
 
 
@@ -338,14 +346,15 @@ SPACES = (
 
 
 def _spaces(d: dict) -> list[tuple[str, str]]:
-    """(key, label) of each space the rows hold; the one the search optimized (the
-    classifier's, under the `fid` fitness only) is named so, the rest are unseen."""
-    fitness = {r.get("fitness") for r in d["rows"]}
+    """(key, label) of each space the rows hold. The classifier's is seen by every
+    fitness but the pixels-only teacher (`fid` and `ensemble` score in it, a teacher
+    with a feature term matches in it); ResNet's and the pixels' FID by none."""
+    fitness = {r.get("fitness", "fid") for r in d["rows"]}
     out = []
     for key, name in SPACES:
         if any(r.get(key) is not None for r in d["rows"]):
-            seen = key == "fid" and fitness == {"fid"}
-            out.append((key, f"{name} ({'the fitness space' if seen else 'unseen'})"))
+            seen = key == "fid" and fitness != {"teacher_pixels"}
+            out.append((key, f"{name} ({'seen by the fitness' if seen else 'unseen'})"))
     return out
 
 

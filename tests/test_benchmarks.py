@@ -1,5 +1,7 @@
 """The benchmarks' own logic, on synthetic inputs (no device, no timing)."""
 
+import pytest
+
 
 def test_multi_gpu_summary_skips_compiling_generations():
     from benchmarks.multi_gpu import summarize
@@ -110,7 +112,7 @@ def test_racing_rows_reach_perf_json_and_its_target_line(tmp_path):
     full = [row("joint", s, f, 170.0) for s, f in enumerate((3.6, 4.1, 3.6))]
     fast = [row("joint_race", s, f, w) for s, f, w in ((0, 3.7, 55.0), (1, 3.9, 58.0))]
     other = [row("joint_race", 0, 9.0, 30.0, "fid"), row("joint", 0, 9.0, 90.0, "fid")]
-    (tmp_path / "t.json").write_text(json.dumps({"rows": other + full + fast, **prov}))
+    (tmp_path / "t.json").write_text(json.dumps({"rows": full + fast + other, **prov}))
     out = tmp_path / "perf.json"
     out.write_text(json.dumps({"shapes": {}, **prov, "jax_version": "x"}))
     add_paper_search(out, tmp_path / "t.json")
@@ -120,6 +122,9 @@ def test_racing_rows_reach_perf_json_and_its_target_line(tmp_path):
     assert d["racing_search_fid_10k"] == [3.7, 3.9]
     assert d["full_search_fid_10k"] == [3.6, 4.1]  # the same seeds
     assert d["racing_search"]["fitness"] == DEFAULT_FITNESS == "teacher_pixels"
+    assert d["paper_search"]["fitness"] == DEFAULT_FITNESS
+    with pytest.raises(SystemExit, match="no joint W6A6 row of fitness 'ensemble'"):
+        add_paper_search(out, tmp_path / "t.json", "ensemble")
     line = [r for r in _perf_targets(d).splitlines() if "racing" in r][0]
     assert "58 s" in line and "| met" in line
     d["racing_search_fid_10k"] = [4.5, 4.7]  # outside the full protocol's spread

@@ -125,6 +125,23 @@ def test_generation_zero_spreads_over_the_cost_axis(parts):
     np.testing.assert_array_equal(space.grids[4], space.seed[:4])
 
 
+@pytest.mark.parametrize("flow_shift", [None, 3.0])
+def test_the_grid_table_holds_the_variable_seed_at_every_budget(parts, flow_shift):
+    """Row k: the k-step grid (quad, or the flow model's shifted grid) padded with
+    its last step; the seed of a budget of k steps is that row."""
+    from tmpq_jax.diffusion.flow import flow_gene_groups
+
+    _, reg, _, _ = parts
+    for k in (2, 3, 4):
+        cfg = SearchConfig(**{**FRONT, "budget_steps": k})
+        space = GenomeSpace.build(cfg, reg, flow_shift=flow_shift)
+        grid = (quad_timesteps(k) if flow_shift is None
+                else flow_gene_groups(k, flow_shift, 1000)[1] - 1)  # fmt: skip
+        want = np.concatenate([grid, np.full(4 - k, grid[-1])])
+        np.testing.assert_array_equal(space.grids[k], want)
+        np.testing.assert_array_equal(space.seed[:4], want)
+
+
 # -- the search: toy fitness, real engine and host loop -------------------------
 @dataclasses.dataclass(frozen=True, eq=False)
 class ToyProblem:

@@ -155,15 +155,16 @@ def test_table_and_figure_render_from_the_json_with_the_seed_spread(tmp_path):
     assert (tmp_path / "f.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("fitness", ["fid", "teacher_pixels"])
-def test_only_the_fid_fitness_claims_the_classifier_space_as_its_own(fitness):
-    """The default teacher sees no FID space: every table says unseen, and the
+@pytest.mark.parametrize("fitness", ["fid", "ensemble", "teacher", "teacher_pixels"])
+def test_only_the_pixels_only_teacher_leaves_the_classifier_space_unseen(fitness):
+    """The default teacher sees no FID space: every table says unseen; a fitness
+    that scores or matches in the classifier's features has seen its space. The
     pixel space gets its own table where the rows hold it."""
     rows = [_row("joint", "w6a6x6", 0, 5, fid=3.0, select=3.0, fitness=fitness,
                  fid_eval_pixels=1.5)]  # fmt: skip
     text = S.table({"rows": rows})
-    own = "FID clf. (the fitness space)"
-    assert (own in text) == (fitness == "fid")
+    own = "FID clf. (seen by the fitness)"
+    assert (own in text) == (fitness != "teacher_pixels")
     assert "FID ResNet (unseen)" in text and "FID pixels (unseen)" in text
     assert "| 1.50 (N 5) |" in text
     assert "FID pixels" not in S.table({"rows": [_row("joint", "w6a6x6", 0, 5, 3.0, 3.0)]})
@@ -174,6 +175,7 @@ def test_merge_replaces_a_unit_measured_again(tmp_path):
     new = _row("joint", "w6a6x6", 0, 6, fid=2.0, select=2.0)
     new["unit"] = old["unit"]
     for i, r in enumerate((old, new)):
+        r.update(date="d", command=f"c{i}")  # rows carry their file's provenance
         part = {"device": "CPU", "date": "d", "command": f"c{i}", "rows": [r]}
         (tmp_path / f"p{i}.json").write_text(json.dumps(part))
     out = S.merge([str(tmp_path / "p0.json"), str(tmp_path / "p1.json")], tmp_path)
@@ -183,11 +185,26 @@ def test_merge_replaces_a_unit_measured_again(tmp_path):
     assert d["command"] == "c1"  # the measuring part's, not the merging machine's
 
 
+def test_merge_names_every_command_its_rows_were_measured_by(tmp_path):
+    """A file resumed across calls names only its last command at its top level;
+    the merge lists the earlier calls' commands from the rows."""
+    a = _row("uniform", "w6a6x6", 0, 6, fid=9.0, select=9.0)
+    b = _row("front", "w6a6x6", 0, 4, fid=4.5, select=4.5)
+    a.update(date="t1", command="first call", device="GPU")
+    b.update(date="t2", command="last call", device="GPU")
+    f = {"device": "GPU", "date": "t2", "command": "last call", "rows": [a, b]}
+    (tmp_path / "f.json").write_text(json.dumps(f))
+    d = json.loads(S.merge([str(tmp_path / "f.json")], tmp_path / "m").read_text())
+    assert [p["command"] for p in d["parts"]] == ["last call", "first call"]
+    assert d["parts"][1]["date"] == "t1"
+
+
 def test_merge_backfills_the_pixel_space_and_lists_each_part_once(tmp_path):
     """Rows written before `fid_eval_pixels` had a key gain it from their report;
     a merged file merged again with one of its parts repeats no part."""
     r = _row("joint", "w6a6x6", 0, 5, fid=3.0, select=3.0)
     r["rescored"] = {"num_samples": 10_000, "fid_pixels": 0.7}
+    r.update(device="GPU", date="d", command="c0")
     part = {"device": "GPU", "date": "d", "command": "c0", "rows": [r]}
     (tmp_path / "p0.json").write_text(json.dumps(part))
     first = S.merge([str(tmp_path / "p0.json")], tmp_path / "m1")

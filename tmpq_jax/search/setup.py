@@ -89,7 +89,7 @@ class Setup:
     teacher_timesteps: np.ndarray | None = None
     # The teacher's assets on the last noise it was asked for: every top-k genome
     # is re-scored on the same fresh noise, so its teacher run is made once.
-    _teacher_memo: dict = dataclasses.field(default_factory=dict, repr=False)
+    _teacher_memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @property
     def space(self) -> GenomeSpace:
