@@ -30,9 +30,10 @@ total_bitops, fid (the classifier's space: the `fid` fitness's, unseen by the de
 teacher), fid_2 (`fid_eval_resnet`, a space no fitness sees) and every fid_eval_*
 (pixels among them), precision, recall (10k fresh samples, test split), device,
 date, command, wall_s (this process's) and generations_s (the generations' own
-seconds, of every process when `resumed`; the rest is setup, compiles and re-scoring). Rows are written as they finish; rerunning skips
-units done in any search_front*.json of --out-dir (searches resume from their last
-generation). Set JAX_COMPILATION_CACHE_DIR: every seed runs the same programs.
+seconds, of every process when `resumed`; the rest is setup, compiles and
+re-scoring). Rows are written as they finish; rerunning skips units done in any
+search_front*.json of --out-dir (searches resume from their last generation). Set
+JAX_COMPILATION_CACHE_DIR: every seed runs the same programs.
 """
 
 from __future__ import annotations
@@ -395,7 +396,8 @@ def figure(d: dict, path: Path) -> None:
     axes = fig.subplots(1, len(spaces), squeeze=False)[0]
     for ax, (key, space) in zip(axes, spaces, strict=True):
         for c, (m, by_budget) in enumerate(_groups(d)):
-            pts = [(np.mean([r["total_bitops"] for r in rs]) / 1e9, np.array([r[key] for r in rs]))
+            pts = [(np.mean([r["total_bitops"] for r in rs]) / 1e9,
+                    np.array([r[key] for r in rs]))
                    for _, rs in by_budget if rs and all(r.get(key) for r in rs)]  # fmt: skip
             if pts:
                 x, y = [p[0] for p in pts], np.array([v.mean() for _, v in pts])

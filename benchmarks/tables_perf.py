@@ -37,7 +37,8 @@ def _perf_targets(d: dict) -> str:
     if race := d.get("racing_search_wall_s"):
         fid, full = d["racing_search_fid_10k"], d.get("full_search_fid_10k") or []
         fitness = d.get("racing_search", {}).get("fitness", "fid")
-        what = f"racing search <= 60 s, FID within the full protocol's seed spread ({fitness} fitness)"
+        what = ("racing search <= 60 s, FID within the full protocol's seed spread "
+                f"({fitness} fitness)")  # fmt: skip
         # one process runs the seeds in turn: the first one's time holds the compiles
         got = (f"{', '.join(f'{r:.0f}' for r in race)} s (the first compiles); FID "
                f"{', '.join(f'{f:.2f}' for f in fid)} against "

@@ -18,8 +18,8 @@ Generation 0 is the paper's first population, except that its random genomes are
 spread over the cost axis (each one biased towards a random share of cheap genes),
 so that the first front already spans the budget's range; with N searched, half of
 them sit on the seed's grid (quad steps) at their own N, as a single-budget search
-starts from its budget's quad steps. The budget stays the
-front's upper bound: the engine repairs genomes above it before they are scored.
+starts from its budget's quad steps. The budget stays the front's upper bound: the
+engine repairs genomes above it before they are scored.
 `search.objective=front` picks this strategy (`config.py`).
 """
 
