@@ -173,6 +173,10 @@ def run_row(method, budget, seed, root: Path, overrides, model="unet") -> dict:
             "layers": res["layers"],
             "workdir": str(wd),
             "generations_logged_before": before,  # > 0: resumed, wall_s is the rest
+            # this call's generations (the first two compile): wall_s minus their
+            # sum is setup, the teacher run, calibration and re-scoring
+            "generation_wall_s": [g["wall_s"] for g in read_log(wd)[before:]],
+            "seconds": res.get("seconds"),  # prepare, generations, outputs
         }
         budget_total = res["budget_bitops"]
     prov = provenance()

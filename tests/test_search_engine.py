@@ -4,6 +4,7 @@ and the result files. One compiled engine serves the whole module."""
 
 import dataclasses
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -199,9 +200,19 @@ def test_a_finished_search_is_not_rerun(parts, setup, full_run, monkeypatch):
     before = (wd / "result.json").stat().st_mtime_ns
     assert run_lib.search(setup.run, wd, progress=False) == {**written, "reused": True}
     assert (wd / "result.json").stat().st_mtime_ns == before
+    t0 = time.perf_counter()
     again = run_lib.search(setup.run, wd, progress=False, rescore=True)
+    wall = time.perf_counter() - t0
     assert "reused" not in again and again["rescored"] == written["rescored"]
     assert (wd / "result.json").stat().st_mtime_ns != before
+    # where the time went: the three phases add up to the call, the outputs' parts
+    # to at most the outputs; none of it is written to result.json
+    s = again.pop("seconds")
+    assert "seconds" not in json.loads((wd / "result.json").read_text())
+    assert sum(s[k] for k in ("prepare", "generations", "outputs")) <= wall + 1e-3
+    parts = ("rescore_sampling", "report", "select", "plots")
+    assert all(s[k] > 0 for k in parts)
+    assert sum(s[k] for k in parts) <= s["outputs"] + 1e-3
 
 
 def test_a_chunk_size_cudnn_rejects_is_a_user_error():

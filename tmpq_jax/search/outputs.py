@@ -18,7 +18,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -42,6 +44,15 @@ from tmpq_jax.search.sampler import labels_for
 from tmpq_jax.search.setup import NOISE_STREAM, Setup
 
 RESCORE_STREAM = 1  # folded into the noise key: rescoring never reuses fitness noise
+
+
+@contextlib.contextmanager
+def clock(seconds: dict | None, key: str):
+    """Adds the block's wall time to `seconds[key]` (None: nothing kept)."""
+    t0 = time.perf_counter()
+    yield
+    if seconds is not None:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
 
 
 def archive_table(setup: Setup, state: SearchState) -> dict[str, np.ndarray]:
@@ -139,11 +150,11 @@ def rescore(setup: Setup, ev: Evaluator, genome: np.ndarray, progress: bool):
     return scores, images
 
 
-def rescore_and_select(setup: Setup, genome, progress: bool, ev=None):
+def rescore_and_select(setup: Setup, genome, progress: bool, ev=None, seconds=None):
     """(report, images, select): fresh samples of one genome, reported on the
     test split (`setup.report`, or `ev`) and scored for selection by what the
     search may use (`setup.select_score`: train split or teacher; lower is
-    better)."""
+    better). `seconds`: a dict the three parts' times are added to."""
     sample = setup.engine.problem.jitted_sample  # compiled once per problem
     mesh = setup.engine.mesh
 
@@ -152,11 +163,15 @@ def rescore_and_select(setup: Setup, genome, progress: bool, ev=None):
         y = None if y is None else sharding.split_batch(y, mesh)
         return sharding.gather(sample(setup.assets, genome, x, y))
 
-    images, x_T, y = rescore_images(setup, sample_fn, progress, with_noise=True)
+    with clock(seconds, "rescore_sampling"):
+        images, x_T, y = rescore_images(setup, sample_fn, progress, with_noise=True)
     if not np.isfinite(images).all():
         return {"fid": float("inf"), "finite": False}, images, float("inf")
-    report = ev.score(images) if ev is not None else setup.report(images)
-    return report, images, setup.select_score(images, x_T, y)
+    with clock(seconds, "report"):
+        report = ev.score(images) if ev is not None else setup.report(images)
+    with clock(seconds, "select"):
+        select = setup.select_score(images, x_T, y)
+    return report, images, select
 
 
 def _portable(path: Path | None) -> str | None:
@@ -215,8 +230,14 @@ def sampler_entry(setup: Setup, ts) -> dict:
 
 
 def write_outputs(
-    setup: Setup, state: SearchState, workdir: Path, progress: bool = True
+    setup: Setup,
+    state: SearchState,
+    workdir: Path,
+    progress: bool = True,
+    seconds: dict | None = None,
 ) -> dict:
+    """Writes the files above; returns the result. `seconds`: a dict the times of
+    re-scoring (sampling, report, selection) and plotting are added to."""
     cfg = setup.run.search
     t = archive_table(setup, state)
     mask = feasible_mask(t, setup.budget)
@@ -246,7 +267,9 @@ def write_outputs(
     # only reports (`rescored`), it never picks the genome.
     ranked, grids = [], {}
     for rank, i in enumerate(top_k_distinct(t, mask, cfg.rescore_top_k)):
-        scores, images, select = rescore_and_select(setup, t["genomes"][i], progress)
+        scores, images, select = rescore_and_select(
+            setup, t["genomes"][i], progress, seconds=seconds
+        )
         scores = dict(scores, select=cfg.select, select_score=float(select))
         ranked.append((select, rank, i, scores))
         grids[i] = images[:100]
@@ -291,6 +314,7 @@ def write_outputs(
 
         result["front"] = write_front(setup, t, mask, front, workdir)
     write_genome(workdir / RESULT_FILE, result)
-    save_grid(to_uint8(best_images[:100]), workdir / "best_samples.png", nrow=10)
-    plots.write_all(setup, t, mask, front, top[0], workdir)
+    with clock(seconds, "plots"):
+        save_grid(to_uint8(best_images[:100]), workdir / "best_samples.png", nrow=10)
+        plots.write_all(setup, t, mask, front, top[0], workdir)
     return result
