@@ -11,24 +11,10 @@ from tmpq_jax.errors import UserError
 def cmd_sample(args, overrides) -> int:
     import jax
 
-    from tmpq_jax.diffusion.schedules import timestep_schedule
     from tmpq_jax.images import save_grid, save_npz
     from tmpq_jax.sampling import sample, to_uint8
-    from tmpq_jax.user_model import resolve_model
 
-    if overrides:
-        raise UserError(
-            f"`tmpq sample` takes no --config overrides (got {overrides[0]!r})."
-        )
-    if not args.out and not args.npz:
-        raise UserError(
-            "nothing to write: give --out GRID.png and/or --npz SAMPLES.npz."
-        )
-    for p in (args.out, args.npz):  # check before the (long) sampling
-        if p and not str(p).endswith((".png", ".npz")):
-            raise UserError(
-                f"{p}: use a .png path for --out and a .npz path for --npz."
-            )
+    _check_outputs(args, overrides)
     if _is_flow_model(args.checkpoint, args.genome):
         return _sample_flow(args)
     if args.solver not in (None, "ddim"):  # a flow solver for a noise predictor
@@ -41,58 +27,9 @@ def cmd_sample(args, overrides) -> int:
                 f"{flag}: this model is an unconditional noise-prediction model; "
                 "class labels and guidance need a class-conditional DiT."
             )
-    if args.genome:  # the genome's timesteps and int8 weights (AQT SERVE)
-        from tmpq_jax.serving import load_genome_model
-
-        for flag, v in (("--steps", args.steps), ("--schedule", args.schedule)):
-            if v is not None:
-                raise UserError(
-                    f"{flag}: a --genome carries its own timesteps; leave it out."
-                )
-        if args.dtype:
-            raise UserError(
-                "--dtype: the int8 model samples in float32; leave it out with --genome."
-            )
-        lm, genome = load_genome_model(
-            args.genome,
-            args.checkpoint,
-            args.calibration,
-            model_spec=args.model,
-            pick=args.pick,
-        )
-        ts = genome.timesteps
-        if args.pick is not None:
-            print(
-                f"--pick {args.pick:.4g}: the front's point of "
-                f"{genome.meta['total_bitops']:.4g} total BitOPs, {len(ts)} steps"
-            )
-    else:
-        for flag, v in (("--calibration", args.calibration), ("--pick", args.pick)):
-            if v is not None:
-                raise UserError(f"{flag} is only used with --genome.")
-        lm = resolve_model(args.checkpoint, args.model)
-        if args.dtype:
-            lm = lm.with_dtype(args.dtype)
-        T = lm.diffusion.num_timesteps
-        schedule = args.schedule or "quad"
-        ts = (
-            None
-            if schedule == "ddpm"
-            else timestep_schedule(
-                schedule, args.steps if args.steps is not None else 10, T
-            )
-        )
-    imgs = to_uint8(
-        sample(
-            jax.random.key(args.seed),
-            lm,
-            args.num,
-            ts,
-            args.eta,
-            args.batch_size,
-            progress=not args.no_progress,
-        )
-    )
+    lm, ts = _genome_model(args) if args.genome else _float_model(args)
+    key, progress = jax.random.key(args.seed), not args.no_progress
+    imgs = to_uint8(sample(key, lm, args.num, ts, args.eta, args.batch_size, progress))
     if args.out:
         save_grid(imgs, args.out, nrow=args.nrow)
         print(f"wrote {args.out}")
@@ -100,6 +37,70 @@ def cmd_sample(args, overrides) -> int:
         save_npz(imgs, args.npz, timesteps=ts if ts is not None else [])
         print(f"wrote {args.npz}")
     return 0
+
+
+def _check_outputs(args, overrides) -> None:
+    """Refuses, before the (long) sampling, what could not be written."""
+    if overrides:
+        raise UserError(
+            f"`tmpq sample` takes no --config overrides (got {overrides[0]!r})."
+        )
+    if not args.out and not args.npz:
+        raise UserError(
+            "nothing to write: give --out GRID.png and/or --npz SAMPLES.npz."
+        )
+    for p in (args.out, args.npz):
+        if p and not str(p).endswith((".png", ".npz")):
+            raise UserError(
+                f"{p}: use a .png path for --out and a .npz path for --npz."
+            )
+
+
+def _genome_model(args):
+    """(model, timesteps) of --genome: its timesteps and int8 weights (AQT SERVE)."""
+    from tmpq_jax.serving import load_genome_model
+
+    for flag, v in (("--steps", args.steps), ("--schedule", args.schedule)):
+        if v is not None:
+            raise UserError(
+                f"{flag}: a --genome carries its own timesteps; leave it out."
+            )
+    if args.dtype:
+        raise UserError(
+            "--dtype: the int8 model samples in float32; leave it out with --genome."
+        )
+    lm, genome = load_genome_model(
+        args.genome,
+        args.checkpoint,
+        args.calibration,
+        model_spec=args.model,
+        pick=args.pick,
+    )
+    ts = genome.timesteps
+    if args.pick is not None:
+        print(
+            f"--pick {args.pick:.4g}: the front's point of "
+            f"{genome.meta['total_bitops']:.4g} total BitOPs, {len(ts)} steps"
+        )
+    return lm, ts
+
+
+def _float_model(args):
+    """(model, timesteps) without a genome: --steps on --schedule (None: DDPM)."""
+    from tmpq_jax.diffusion.schedules import timestep_schedule
+    from tmpq_jax.user_model import resolve_model
+
+    for flag, v in (("--calibration", args.calibration), ("--pick", args.pick)):
+        if v is not None:
+            raise UserError(f"{flag} is only used with --genome.")
+    lm = resolve_model(args.checkpoint, args.model)
+    if args.dtype:
+        lm = lm.with_dtype(args.dtype)
+    schedule = args.schedule or "quad"
+    if schedule == "ddpm":
+        return lm, None
+    steps = args.steps if args.steps is not None else 10
+    return lm, timestep_schedule(schedule, steps, lm.diffusion.num_timesteps)
 
 
 def _is_flow_model(checkpoint, genome=None) -> bool:
