@@ -270,7 +270,7 @@ def test_a_front_search_writes_its_front_with_its_outputs(
     the top-k re-scoring is stubbed (the toy problem samples no images)."""
     from tmpq_jax.search import outputs
 
-    def rescored(setup, genome, progress, ev=None):
+    def rescored(setup, genome, progress, ev=None, seconds=None):
         return {"fid": 1.0, "num_samples": 4}, np.zeros((4, 16, 16, 1)), 1.0
 
     monkeypatch.setattr(outputs, "rescore_and_select", rescored)
