@@ -76,12 +76,3 @@ def oracle_eps_fn(x0, sched):
 
     return eps_fn
 
-
-# The test command runs two workers that take a file at a time, in collection order
-# (-n 2 --dist loadfile): the slowest files go first so the workers end together.
-SLOW_FIRST = ("test_notebooks.py", "test_search_sharding.py", "test_search_racing.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
