@@ -75,4 +75,3 @@ def oracle_eps_fn(x0, sched):
         return (x - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
 
     return eps_fn
-

@@ -42,3 +42,27 @@ def test_the_cli_names_its_flags(tmp_path, capsys, flags, expect):
     assert main(["sample", *flags, "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"tmpq sample: error: {expect}" and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "--out", "x.png"],
+        ["eval"],
+        ["compare", "--genome", "g.json"],
+        ["layers"],
+        ["calibrate", "--out", "calib"],
+        ["export", "--genome", "g.json", "--out", "exported"],
+    ],
+)
+def test_a_command_without_a_config_refuses_overrides_before_any_work(
+    tmp_path, capsys, monkeypatch, argv
+):
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--config.search.seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"tmpq {argv[0]}: error: `tmpq {argv[0]}` takes no --config overrides "
+        "(got 'search.seed=1').\n"
+    )
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     args.command_line = " ".join(["tmpq", *argv])  # recorded in result files
     try:
+        if overrides and not hasattr(args, "config"):  # a command with no config file
+            raise UserError(
+                f"`tmpq {args.command}` takes no --config overrides "
+                f"(got {overrides[0]!r})."
+            )
         return args.fn(args, overrides)
     except UserError as e:
         if isinstance(e, ArgumentError):  # the library's arguments, as flags

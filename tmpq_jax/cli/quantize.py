@@ -11,10 +11,6 @@ def cmd_layers(args, overrides) -> int:
     from tmpq_jax.quant.cost import bitops_per_step, model_size_bits
     from tmpq_jax.user_model import resolve_model
 
-    if overrides:
-        raise UserError(
-            f"`tmpq layers` takes no --config overrides (got {overrides[0]!r})."
-        )
     lm = resolve_model(args.checkpoint, args.model)
     reg = lm.layer_registry(check=False)  # lists what is left in float, refuses not
     print(format_registry(reg))
@@ -34,10 +30,6 @@ def cmd_calibrate(args, overrides) -> int:
     from tmpq_jax.quant.supernet import check_candidates
     from tmpq_jax.user_model import resolve_model
 
-    if overrides:
-        raise UserError(
-            f"`tmpq calibrate` takes no --config overrides (got {overrides[0]!r})."
-        )
     try:
         cands = tuple(int(b) for b in args.candidates.split(","))
     except ValueError:
@@ -104,10 +96,6 @@ def cmd_export(args, overrides) -> int:
     from tmpq_jax.quant.qwix_files import check_out
     from tmpq_jax.serving import load_genome_model
 
-    if overrides:
-        raise UserError(
-            f"`tmpq export` takes no --config overrides (got {overrides[0]!r})."
-        )
     if args.matmul_fallback != "refuse" and args.format != "qwix":
         raise UserError("--matmul-fallback applies to --format qwix only.")
     check_out(args.out)  # before the work: nothing is ever overwritten

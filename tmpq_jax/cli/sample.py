@@ -14,7 +14,7 @@ def cmd_sample(args, overrides) -> int:
     from tmpq_jax.images import save_grid, save_npz
     from tmpq_jax.sampling import sample, to_uint8
 
-    _check_outputs(args, overrides)
+    _check_outputs(args)
     if _is_flow_model(args.checkpoint, args.genome):
         return _sample_flow(args)
     if args.solver not in (None, "ddim"):  # a flow solver for a noise predictor
@@ -39,12 +39,8 @@ def cmd_sample(args, overrides) -> int:
     return 0
 
 
-def _check_outputs(args, overrides) -> None:
+def _check_outputs(args) -> None:
     """Refuses, before the (long) sampling, what could not be written."""
-    if overrides:
-        raise UserError(
-            f"`tmpq sample` takes no --config overrides (got {overrides[0]!r})."
-        )
     if not args.out and not args.npz:
         raise UserError(
             "nothing to write: give --out GRID.png and/or --npz SAMPLES.npz."

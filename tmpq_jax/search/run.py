@@ -247,27 +247,24 @@ def search(
     `rescore=True` re-scores its top genomes and rewrites the outputs. A run's
     result also says where its time went: `seconds` (prepare, generations, outputs
     and the outputs' parts)."""
-    from tmpq_jax.search.outputs import write_outputs
+    from tmpq_jax.search.outputs import clock, write_outputs
 
     workdir = Path(workdir)
     progress = progress and is_main_process()  # one progress bar for all processes
-    t0 = time.perf_counter()
-    if model is None:
-        setup = prepare(run, workdir, progress)
-    else:
-        setup = prepare_model(run, model, workdir, progress=progress)
+    seconds = {}  # where this call's time went (not in result.json: reruns differ)
+    with clock(seconds, "prepare"):
+        if model is None:
+            setup = prepare(run, workdir, progress)
+        else:
+            setup = prepare_model(run, model, workdir, progress=progress)
     if outputs and not rescore:
         done = finished_result(setup, workdir)
         if done is not None:
             return {**done, "reused": True}
-    t1 = time.perf_counter()
-    state = run_generations(setup, workdir, progress)
+    with clock(seconds, "generations"):
+        state = run_generations(setup, workdir, progress)
     if not outputs:
         return {}
-    t2 = time.perf_counter()
-    parts = {}  # of the outputs: re-scoring's sampling, report, selection; plots
-    result = write_outputs(setup, state, workdir, progress, seconds=parts)
-    # where this call's time went (not in result.json: a rerun's would differ)
-    took = dict(prepare=t1 - t0, generations=t2 - t1, outputs=time.perf_counter() - t2)
-    took.update(parts)
-    return {**result, "seconds": {k: round(v, 3) for k, v in took.items()}}
+    with clock(seconds, "outputs"):  # which adds its parts' times too
+        result = write_outputs(setup, state, workdir, progress, seconds=seconds)
+    return {**result, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
